@@ -1,0 +1,51 @@
+"""The generator contract (DESIGN.md, "Contracts").
+
+A generator models the tokens of a tokenizer (see ``genmodels.tokenizers.base``):
+
+* ``forward_loss(tokens, labels) -> dict`` with key ``loss`` (a scalar to minimise) and
+  anything else worth logging;
+* ``sample(labels, *, cfg, temperature, num_steps, generator) -> tokens`` -- all
+  randomness is drawn from the given ``torch.Generator``, so a seeded generator gives
+  the same tokens every time;
+* ``nll(tokens, labels)`` -> bits per dimension, where the paradigm has an exact
+  likelihood.
+
+Class labels are int64 (B,); ``num_classes`` is the index of the null ("unconditional")
+class used for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genmodels.tokenizers.base import TokenSpec
+from genmodels.utils.config import ConfigMixin
+
+
+class Generator(ConfigMixin, nn.Module):
+    """Base class; subclasses set ``self.spec`` (the TokenSpec they model)."""
+
+    spec: TokenSpec
+    num_classes: int
+
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
+               num_steps: int | None = None, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nll(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
+
+    def check_spec(self, spec: TokenSpec) -> None:
+        """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
+        is not what this generator was built for."""
+        mine = self.spec
+        for name in ("kind", "vocab_size", "channels", "shapes"):
+            a, b = getattr(mine, name), getattr(spec, name)
+            if a != b:
+                raise ValueError(
+                    f"generator {type(self).__name__} was built for tokens with {name}={a}, "
+                    f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")

@@ -1,0 +1,3 @@
+from genmodels.utils.config import ConfigMixin, instantiate
+
+__all__ = ["ConfigMixin", "instantiate"]
