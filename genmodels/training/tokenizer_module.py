@@ -70,7 +70,7 @@ class TokenizerModule(LightningModule):
 
     def _log(self, prefix: str, out: dict[str, Any], **kw: Any) -> None:
         scalars = {f"{prefix}/{k}": v.detach().float() for k, v in out.items()
-                   if k != "recon" and torch.is_tensor(v) and v.numel() == 1}
+                   if k not in ("recon", "loss") and torch.is_tensor(v) and v.numel() == 1}
         self.log_dict(scalars, **kw)
 
     # ------------------------------------------------------------------ steps
@@ -81,7 +81,7 @@ class TokenizerModule(LightningModule):
         images = batch[0]
         out = self._losses(images)
         if self.automatic_optimization:
-            self._log("train", out, prog_bar=False)
+            self._log("train", out)
             self.log("train/loss", out["loss"].detach(), prog_bar=True)
             return out["loss"]
 
@@ -118,6 +118,7 @@ class TokenizerModule(LightningModule):
         torch.manual_seed(batch_idx)  # identical validation draws at every epoch
         out = self._losses(images)
         self._log("val", out, sync_dist=True)
+        self.log("val/loss", out["loss"].detach(), sync_dist=True, prog_bar=True)
         if batch_idx == 0 and self.trainer.is_global_zero:
             n = min(self.hparams.grid_images, images.shape[0])
             pairs = torch.stack([images[:n], out["recon"][:n].clamp(-1, 1)], dim=1).flatten(0, 1)
@@ -126,7 +127,9 @@ class TokenizerModule(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(batch_idx)
-        self._log("test", self._losses(batch[0]), sync_dist=True)
+        out = self._losses(batch[0])
+        self._log("test", out, sync_dist=True)
+        self.log("test/loss", out["loss"].detach(), sync_dist=True)
 
     def grid_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
