@@ -89,17 +89,23 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout. ``approximate='tanh'`` for VAR."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout. ``approximate='tanh'`` for VAR.
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, approximate: str = "none") -> None:
+    ``hidden_drop`` is the dropout after the GELU (``None``: same as ``drop``, timm's
+    ``Mlp``); BERT / MaskGIT have none there (``hidden_drop=0``).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, approximate: str = "none",
+                 hidden_drop: float | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.hidden_drop = self.drop if hidden_drop is None else nn.Dropout(hidden_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.hidden_drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -107,16 +113,19 @@ class Block(nn.Module):
 
     pre-LN:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
     post-LN: x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+
+    ``mlp_hidden_drop``: dropout after the MLP's GELU (``None``: ``drop``, as timm; BERT: 0).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 norm_eps: float = 1e-6, drop: float = 0.0, attn_drop: float = 0.0, post_norm: bool = False) -> None:
+                 norm_eps: float = 1e-6, drop: float = 0.0, attn_drop: float = 0.0, post_norm: bool = False,
+                 mlp_hidden_drop: float | None = None) -> None:
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, hidden_drop=mlp_hidden_drop)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
