@@ -1,0 +1,161 @@
+"""Base of every image LightningDataModule in genmodels.
+
+Batches are ``(images, labels)``: images float32 (B, 3, H, W) in [-1, 1], labels int64 (B,).
+Predict batches are ``(labels, indices)``, both int64 (B,): the class-balanced labels of the
+samples to generate and their global sample index (so sample ``i`` is seeded and named the
+same way however the work is batched or sharded).
+
+Subclasses implement ``_make_dataset(split, augment)`` (``split`` in train/val/test),
+``num_classes`` and ``dataset_id``; the base builds the dataloaders.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+SPLITS = ("train", "val", "test")
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """(n,) int64 labels ``i % num_classes``: every prefix is as class-balanced as it can be."""
+    if num_classes < 1:
+        raise ValueError(f"balanced_labels: num_classes must be >= 1, got {num_classes}")
+    return torch.arange(n, dtype=torch.int64) % num_classes
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation of ``range(num_items)`` that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch(epoch)`` before every training epoch (and forwards it through
+    its ``DistributedSamplerWrapper`` under DDP), so a run resumed from an end-of-epoch
+    checkpoint sees exactly the batches an uninterrupted run sees. Independent of the global
+    RNG, unlike ``RandomSampler``.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0) -> None:
+        self.num_items, self.seed, self.epoch = int(num_items), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        # SeedSequence mixes (seed, epoch) so that e.g. (0, 1) and (1, 0) give unrelated orders.
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return iter(torch.randperm(self.num_items, generator=g).tolist())
+
+
+class UInt8ImageDataset(Dataset):
+    """Images kept as uint8 (N, C, H, W) (C = 1 or 3) -> (float32 (3, H, W) in [-1, 1], int64 label).
+
+    ``flip``: random horizontal flip with probability 1/2 (training augmentation), drawn
+    from torch's global RNG (seeded per worker by the DataLoader).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, flip: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.flip = images, labels.long(), flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float() / 127.5 - 1.0
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x.contiguous(), self.labels[i]
+
+
+class ImageDataModule(LightningDataModule):
+    """Common dataloaders.
+
+    Args:
+        batch_size: training batch size (per device).
+        num_workers: DataLoader workers (persistent when > 0).
+        seed: seed of the training order (``EpochSeededSampler``); the train/val/test split
+            never depends on it.
+        image_size: side of the square images.
+        eval_batch_size: batch size of val/test/predict (default: ``batch_size``).
+        predict_num_samples: how many samples ``genmodels predict`` generates.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: DataLoader ``pin_memory`` (useful on GPU).
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, image_size: int = 32,
+                 eval_batch_size: int | None = None, predict_num_samples: int = 100, drop_last: bool = True,
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch_size / eval_batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._image_size = image_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.predict_num_samples, self.drop_last, self.pin_memory = predict_num_samples, drop_last, pin_memory
+        self._datasets: dict[tuple[str, bool], Dataset] = {}
+
+    # ------------------------------------------------------------------ to implement
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dataset_id(self) -> str:
+        """Names the data (content, resolution, split recipe): a cache key for reference statistics."""
+        raise NotImplementedError
+
+    def _make_dataset(self, split: str, augment: bool) -> Dataset:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ common
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    def dataset(self, split: str, augment: bool = False) -> Dataset:
+        """The dataset of ``split`` (built once); ``augment`` turns on training augmentation."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        key = (split, augment)
+        if key not in self._datasets:
+            self._datasets[key] = self._make_dataset(split, augment)
+        return self._datasets[key]
+
+    def reference_dataset(self, split: str) -> Dataset:
+        """Real images of ``split`` without augmentation (reference features for FID etc.)."""
+        return self.dataset(split, augment=False)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kw) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", augment=True)
+        if self.drop_last and len(ds) < self.batch_size:
+            raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
+                             f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
+        return self._loader(ds, self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
+                            drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        n = self.predict_num_samples
+        ds = TensorDataset(balanced_labels(n, self.num_classes), torch.arange(n, dtype=torch.int64))
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False)
