@@ -1,4 +1,4 @@
 from genmodels.nn.adaln import modulate
-from genmodels.nn.attention import Attention, Block, KVCache, Mlp
+from genmodels.nn.attention import Attention, Block, DropPath, KVCache, Mlp
 
-__all__ = ["Attention", "Block", "KVCache", "Mlp", "modulate"]
+__all__ = ["Attention", "Block", "DropPath", "KVCache", "Mlp", "modulate"]

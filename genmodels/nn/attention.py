@@ -43,11 +43,15 @@ class Attention(nn.Module):
 
     Args:
         dim: model width C. num_heads: H (head_dim = C / H).
-        qkv_bias: bias on the fused ``qkv`` projection.
+        qkv_bias: bias on the fused ``qkv`` projection: ``True``, ``False``, or ``"qv"`` --
+            ``qkv`` has no bias, separate ``q_bias`` and ``v_bias`` parameters (zero init)
+            and a constant zero key bias (BEiT / VAR's ``mat_qkv`` + ``q_bias``/``v_bias``).
         qk_norm: ``None`` or ``"l2"`` -- l2-normalise q and k per head and multiply q by a
             learned per-head scale ``exp(min(scale_mul, ln 100))`` (VAR's attention,
             initialised at ln 4); the softmax scale is then 1.
         attn_drop / proj_drop: dropout on attention weights / output.
+        scale: softmax scale when ``qk_norm`` is None (default ``head_dim ** -0.5``; VAR
+            without l2-norm uses ``0.25 / sqrt(head_dim)``).
 
     ``forward(x (B, T, C), attn_mask=None, is_causal=False, cache=None) -> (B, T, C)``.
     ``attn_mask`` is boolean (True = may attend) or additive float, broadcastable to
@@ -55,13 +59,23 @@ class Attention(nn.Module):
     attend to all cached positions (pass the mask for the new rows only).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: str | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = True, qk_norm: str | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, scale: float | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if qkv_bias not in (True, False, "qv"):
+            raise ValueError(f"qkv_bias must be True, False or 'qv', got {qkv_bias!r}")
+        if scale is not None and qk_norm is not None:
+            raise ValueError("scale is fixed to 1 with qk_norm='l2'; do not pass both")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.scale = scale
         self.proj = nn.Linear(dim, dim)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
         self.qk_norm = qk_norm
@@ -73,8 +87,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        scale = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias)
+        else:
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scale = self.scale
         if self.qk_norm == "l2":
             q = F.normalize(q, dim=-1) * self.scale_mul.clamp(max=4.605170185988092).exp()  # ln 100
             k = F.normalize(k, dim=-1)
@@ -86,6 +105,25 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              dropout_p=self.attn_drop if self.training else 0.0, scale=scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``): in training, zero the whole residual branch
+    of a sample with probability ``drop_prob`` and scale the kept ones by ``1/(1-p)``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
 
 
 class Mlp(nn.Module):
