@@ -148,6 +148,36 @@ def test_center_crop_arr_is_adm_crop():
     assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - 200).max() <= 2
 
 
+def test_resize_crop_is_torchvision_resize_then_crop():
+    from genmodels.data.image_folder import resize_crop
+    # 30 (h) x 50 (w), size 16, ratio 1.125 -> short side 18, long int(18 * 50 / 30) = 30 -> centre crop
+    a = np.zeros((30, 50, 3), np.uint8)
+    a[:, 20:30] = 255  # a centred white column band
+    out = resize_crop(Image.fromarray(a), 16, resize_ratio=1.125, interpolation="lanczos")
+    assert out.shape == (16, 16, 3)
+    # the band lands at columns 12..18 of the 30-wide resize, i.e. 5..11 of the crop (left = 7)
+    assert out[:, 6:10].min() > 200 and out[:, :3].max() < 30 and out[:, 13:].max() < 30
+    torch.manual_seed(0)
+    lefts = {int(np.argmax(resize_crop(Image.fromarray(a), 16, random_crop=True)[0, :, 0] > 128))
+             for _ in range(30)}
+    assert len(lefts) > 3  # the random crop moves
+
+
+def test_image_folder_resize_crop_mode(folder):
+    kw = dict(train_dir=str(folder / "train"), val_dir=str(folder / "val"), image_size=16,
+              preprocess="resize_crop", resize_ratio=1.125, interpolation="lanczos", random_flip=False)
+    dm = ImageFolderDataModule(**kw)
+    assert dm.dataset("train", augment=True)[3][0].shape == (3, 16, 16)
+    torch.manual_seed(0)
+    train = [dm.dataset("train", augment=True)[3][0] for _ in range(10)]
+    assert not all(torch.equal(train[0], t) for t in train[1:])  # random crops
+    val = [dm.dataset("val")[3][0] for _ in range(3)]
+    assert all(torch.equal(val[0], v) for v in val)
+    assert dm.dataset_id != ImageFolderDataModule(**{**kw, "preprocess": "adm"}).dataset_id
+    with pytest.raises(ValueError, match="preprocess"):
+        ImageFolderDataModule(**{**kw, "preprocess": "var"})
+
+
 def test_image_folder_shapes_labels_and_splits(folder):
     dm = ImageFolderDataModule(train_dir=str(folder / "train"), val_dir=str(folder / "val"), image_size=16,
                                batch_size=4, eval_batch_size=3)

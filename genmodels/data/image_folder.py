@@ -4,10 +4,15 @@ Class index = position of the class folder name in the sorted list of the traini
 folder's class folders (ImageNet: synset ids n01440764.. -> 0..999, as torchvision's
 ImageFolder and the official VAR / MAR / MaskGIT / FractalGen loaders).
 
-Preprocessing is ADM's ``center_crop_arr`` (guided-diffusion, image_datasets.py), which VAR,
-MAR and FractalGen use too: BOX-halve while the short side is >= 2x the target, BICUBIC
-resize so the short side equals the target, centre crop; random horizontal flip for
-training only.
+Preprocessing (``preprocess``):
+- ``"adm"`` (default): ADM's ``center_crop_arr`` (guided-diffusion, image_datasets.py), used by
+  MAR and FractalGen: BOX-halve while the short side is >= 2x the target, BICUBIC resize so
+  the short side equals the target, centre crop; no random crop.
+- ``"resize_crop"``: torchvision-style ``Resize(short side = round(resize_ratio * size))`` with
+  ``interpolation``, then ``RandomCrop`` (training, if ``random_crop``) or ``CenterCrop``.
+  VAR (utils/data.py ``build_dataset``): resize_ratio 1.125, lanczos, random_flip False.
+  TiTok (data/webdataset_reader.py ``ImageTransform``): resize_ratio 1.0, bicubic, random flip.
+Random horizontal flips (``random_flip``) apply to training only.
 
 Unreadable files: by default reading one raises an error naming it. With
 ``skip_corrupt=True`` the error is checked at read time (a scan at setup would decode every
@@ -17,9 +22,11 @@ length, at the price of one image appearing twice.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,27 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+
+
+def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125, interpolation: str = "lanczos",
+                random_crop: bool = False) -> np.ndarray:
+    """torchvision ``Resize(round(resize_ratio * image_size))`` (short side; long side truncated
+    as torchvision does) + ``RandomCrop`` / ``CenterCrop(image_size)``: PIL -> uint8 (S, S, C)."""
+    short = round(resize_ratio * image_size)
+    w, h = image.size
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=INTERPOLATIONS[interpolation])
+    arr = np.asarray(image)
+    if random_crop:
+        top = int(torch.randint(0, new_h - image_size + 1, ()))
+        left = int(torch.randint(0, new_w - image_size + 1, ()))
+    else:
+        top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
     return arr[top:top + image_size, left:left + image_size]
 
 
@@ -79,11 +107,15 @@ def scan_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 
 class ImageFolderDataset(Dataset):
-    """(path, label) list -> (float32 (3, S, S) in [-1, 1], int64 label)."""
+    """(path, label) list -> (float32 (3, S, S) in [-1, 1], int64 label).
+
+    ``crop``: a function PIL RGB image -> uint8 (S, S, 3) array (default: ADM's centre crop).
+    """
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, flip: bool = False,
-                 skip_corrupt: bool = False) -> None:
+                 skip_corrupt: bool = False, crop: Callable[[Image.Image], np.ndarray] | None = None) -> None:
         self.samples, self.image_size, self.flip, self.skip_corrupt = samples, image_size, flip, skip_corrupt
+        self.crop = crop or functools.partial(center_crop_arr, image_size=image_size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,7 +123,7 @@ class ImageFolderDataset(Dataset):
     def load(self, path: str) -> torch.Tensor:
         try:
             with Image.open(path) as img:
-                arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                arr = self.crop(img.convert("RGB"))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
             raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
@@ -126,6 +158,8 @@ class ImageFolderDataModule(ImageDataModule):
         split_seed: seed of the held-out permutation.
         random_flip: random horizontal flips of training images.
         skip_corrupt: warn about and skip unreadable files instead of failing (see module doc).
+        preprocess: "adm" or "resize_crop" (see module doc); ``resize_ratio``, ``interpolation``
+            ("lanczos", "bicubic", "bilinear") and ``random_crop`` apply to "resize_crop".
         num_classes: optional check: the number of class folders must equal it.
         image_size: side of the centre crop (ADM preprocessing).
         Others: see ``ImageDataModule``.
@@ -133,7 +167,8 @@ class ImageFolderDataModule(ImageDataModule):
 
     def __init__(self, train_dir: str, val_dir: str | None = None, test_dir: str | None = None,
                  val_size: int | float = 0.01, split_seed: int = 0, random_flip: bool = True,
-                 skip_corrupt: bool = False, num_classes: int | None = None,
+                 skip_corrupt: bool = False, num_classes: int | None = None, preprocess: str = "adm",
+                 resize_ratio: float = 1.125, interpolation: str = "lanczos", random_crop: bool = True,
                  batch_size: int = 64, num_workers: int = 0, seed: int = 0, image_size: int = 256,
                  eval_batch_size: int | None = None, predict_num_samples: int = 100, drop_last: bool = True,
                  pin_memory: bool = False) -> None:
@@ -147,7 +182,16 @@ class ImageFolderDataModule(ImageDataModule):
         self.train_dir = Path(train_dir).expanduser()
         self.val_dir = Path(val_dir).expanduser() if val_dir is not None else None
         self.test_dir = Path(test_dir).expanduser() if test_dir is not None else None
+        if preprocess not in ("adm", "resize_crop"):
+            raise ValueError(f"preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        if resize_ratio < 1:
+            raise ValueError(f"resize_ratio must be >= 1 (the short side is resized to ratio * image_size), "
+                             f"got {resize_ratio}")
         self.val_size, self.split_seed, self.random_flip = val_size, split_seed, random_flip
+        self.preprocess, self.resize_ratio, self.interpolation = preprocess, resize_ratio, interpolation
+        self.random_crop = random_crop
         self.skip_corrupt, self._expected_classes = skip_corrupt, num_classes
         self._classes: list[str] | None = None
         self._samples: dict[str, list[tuple[str, int]]] | None = None
@@ -176,6 +220,8 @@ class ImageFolderDataModule(ImageDataModule):
             name = self.train_dir.resolve().parent.name
         recipe = [str(p.resolve()) if p else None for p in (self.train_dir, self.val_dir, self.test_dir)]
         recipe += [self.val_size, self.split_seed] if self.val_dir is None else []
+        if self.preprocess != "adm":  # eval-time preprocessing changes the reference images
+            recipe += [self.preprocess, self.resize_ratio, self.interpolation]
         digest = hashlib.sha1(repr(recipe).encode()).hexdigest()[:8]
         return f"imagefolder-{name}-{self.image_size}-{digest}"
 
@@ -202,5 +248,10 @@ class ImageFolderDataModule(ImageDataModule):
         self._scan()
 
     def _make_dataset(self, split: str, augment: bool) -> ImageFolderDataset:
+        if self.preprocess == "adm":
+            crop = functools.partial(center_crop_arr, image_size=self.image_size)
+        else:
+            crop = functools.partial(resize_crop, image_size=self.image_size, resize_ratio=self.resize_ratio,
+                                     interpolation=self.interpolation, random_crop=augment and self.random_crop)
         return ImageFolderDataset(self._scan()[split], self.image_size, flip=augment and self.random_flip,
-                                  skip_corrupt=self.skip_corrupt)
+                                  skip_corrupt=self.skip_corrupt, crop=crop)
