@@ -132,6 +132,7 @@ class GeneratorModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         labels, indices = batch
+        # One seed per batch, from its first sample index: reproducible for a given predict batch size.
         images = self.sample_images(labels, generator=self._seeded(1 + int(indices[0])))
         return {"images": images.cpu(), "labels": labels.cpu(), "indices": indices.cpu()}
 
@@ -174,7 +175,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         images, labels = prediction["images"], prediction["labels"]
-        save_pngs(images, self._dir(trainer) / "png", start=int(prediction["indices"][0]), labels=labels)
+        save_pngs(images, self._dir(trainer) / "png", indices=prediction["indices"], labels=labels)
         self._images.append(to_uint8(images).numpy())
         self._labels.append(labels.numpy())
 

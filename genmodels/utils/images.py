@@ -44,14 +44,16 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return path
 
 
-def save_pngs(images: torch.Tensor, folder: str | Path, start: int = 0, labels: torch.Tensor | None = None) -> list[Path]:
-    """Save each image of (B, C, H, W) in [-1, 1] as ``{index:06d}[_class{label}].png``."""
+def save_pngs(images: torch.Tensor, folder: str | Path, indices: torch.Tensor | list[int] | None = None,
+              labels: torch.Tensor | None = None) -> list[Path]:
+    """Save each image of (B, C, H, W) in [-1, 1] as ``{index:06d}[_class{label}].png``
+    (``indices`` default to 0..B-1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images).numpy()
     paths = []
     for i, a in enumerate(arr):
-        name = f"{start + i:06d}" + (f"_class{int(labels[i])}" if labels is not None else "") + ".png"
+        name = f"{int(indices[i]) if indices is not None else i:06d}" + (f"_class{int(labels[i])}" if labels is not None else "") + ".png"
         Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / name)
         paths.append(folder / name)
     return paths
