@@ -38,6 +38,12 @@ def read_checkpoint(path: str | Path) -> Any:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK..); the legacy format starts with a pickle protocol byte
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}; an HTML error page or "
+                         "a partial download?)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

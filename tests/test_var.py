@@ -1,0 +1,271 @@
+"""VAR generator: parity with the official code (recorded fixtures), sampling, training.
+
+Fixtures: tests/fixtures/var/ (see its README.md; recorded by scripts/record_fixtures/var.py
+from the official FoundationVision/VAR code with every parameter perturbed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from genmodels.checkpoints import from_official
+from genmodels.generators.var import VAR, sample_top_k_top_p
+from genmodels.utils.config import instantiate
+
+FIX = Path(__file__).parent / "fixtures" / "var"
+CONFIGS = Path(__file__).parents[1] / "configs" / "generators"
+VAR_KEYS = ("num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate",
+            "drop_path_rate", "norm_eps", "shared_aln", "cond_drop_rate", "attn_l2_norm", "patch_nums",
+            "flash_if_available", "fused_if_available")
+
+
+def _int8_sd(d: dict, prefix: str, grid: float = 64.0) -> dict:
+    return {k[len(prefix):]: (v.float() / grid if v.dtype == torch.int8 else v) for k, v in d.items()
+            if k.startswith(prefix)}
+
+
+def load_vae():
+    with safe_open(str(FIX / "vae.safetensors"), "pt") as f:
+        cfg = json.loads(f.metadata()["vae_config"])
+    sd = _int8_sd(load_file(str(FIX / "vae.safetensors")), "")
+    return from_official("var-vqvae", sd, **cfg)
+
+
+def load_case(name: str, vae=None):
+    path = FIX / f"var_{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "grid"}
+    d = load_file(str(path))
+    cfg = {k: v for k, v in meta["var_config"].items() if k in VAR_KEYS}
+    model = from_official("var", _int8_sd(d, "var."), vae_local=vae, **cfg)
+    return model, d, meta
+
+
+@pytest.fixture(scope="module")
+def vae():
+    pytest.importorskip("genmodels.tokenizers.multiscale_vq")  # lands with the VQ-VAE helper's work
+    return load_vae()
+
+
+# ----------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", ["aln", "saln", "nol2"])
+def test_logits_match_official(name):
+    model, d, _ = load_case(name)
+    with torch.no_grad():
+        logits = model(d["labels"], d["x_BLCv_wo_first_l"])
+        prog = model(d["labels"], d["x_BLCv_wo_first_l"], prog_si=1)
+    assert logits.shape == d["logits"].shape
+    assert (logits - d["logits"]).abs().max() <= 1e-5
+    assert prog.shape == d["logits_prog1"].shape == (4, 5, 64)
+    assert (prog - d["logits_prog1"]).abs().max() <= 1e-5
+
+
+def test_teacher_forcing_input_from_tokens(vae):
+    _, d, _ = load_case("aln", vae)
+    idx = list(d["tokens"].split([1, 4, 9, 16], dim=1))
+    x = vae.quantize.idxBl_to_var_input(idx)
+    assert (x - d["x_BLCv_wo_first_l"]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["aln", "saln", "nol2"])
+def test_training_loss_and_gradients_match_official(name, vae):
+    model, d, _ = load_case(name, vae)
+    model.label_smoothing = 0.1
+    model.train()
+    out = model.forward_loss(d["tokens"], d["labels"])
+    assert abs(out["loss"].item() - d["loss_ls0.1"].item()) <= 1e-5
+    out["loss"].backward()
+    rename = {"qkv.weight": "mat_qkv.weight", "attn.scale_mul": "attn.scale_mul_1H11"}
+    n = 0
+    for our, p in model.named_parameters():
+        off = our
+        for a, b in rename.items():
+            off = off.replace(a, b)
+        want = d["gradnorm." + off]
+        assert torch.allclose(p.grad.norm().reshape(1), want, rtol=1e-4, atol=1e-7), our
+        if "grad." + off in d:
+            assert torch.allclose(p.grad, d["grad." + off], rtol=1e-4, atol=1e-6), our
+        n += 1
+    assert n == sum(1 for k in d if k.startswith("gradnorm."))
+
+
+@pytest.mark.parametrize("name", ["aln", "saln"])
+@pytest.mark.parametrize("run", ["greedy_cfg0", "greedy_cfg1.5", "random_cfg2", "smooth_cfg1"])
+def test_sampling_matches_official(name, run, vae):
+    model, d, meta = load_case(name, vae)
+    kw = dict(meta["sampling"][run])
+    seed = kw.pop("g_seed")
+    tokens, f_hat = model.autoregressive_infer_cfg(d["labels"], generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(tokens, d[f"sample.{run}.tokens"])
+    images = model.sample_images(d["labels"], generator=torch.Generator().manual_seed(seed), **kw)
+    assert images.shape == d[f"sample.{run}.images01"].shape
+    assert ((images + 1) / 2 - d[f"sample.{run}.images01"]).abs().max() <= 1e-5
+    if not kw.get("more_smooth"):  # decoding the returned tokens gives the same image
+        assert (vae.decode(tokens) - images).abs().max() <= 1e-5
+
+
+def test_sampling_without_kv_cache_is_the_same(vae):
+    model, d, _ = load_case("aln", vae)
+    for cfg in (0.0, 1.5):
+        a = model.sample(d["labels"], cfg=cfg, top_k=1, use_cache=True)
+        b = model.sample(d["labels"], cfg=cfg, top_k=1, use_cache=False)
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- sampling knobs
+def test_top_k_top_p_semantics():
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]]).log_softmax(-1)  # probs increasing
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_top_k_top_p(logits, top_k=2, generator=g) for _ in range(200)]).flatten()
+    assert set(draws.tolist()) == {2, 3}
+    # probs .032 .087 .237 .644: cumulative from the smallest .032 .119 .356 1; top_p=0.75 removes
+    # the entries with cumulative <= 0.25, i.e. tokens 0 and 1
+    draws = torch.stack([sample_top_k_top_p(logits, top_p=0.75, generator=g) for _ in range(200)]).flatten()
+    assert set(draws.tolist()) == {2, 3}
+    draws = torch.stack([sample_top_k_top_p(logits, top_p=1e-6, generator=g) for _ in range(50)]).flatten()
+    assert set(draws.tolist()) == {3}  # the most likely entry always stays
+
+
+def test_sample_is_reproducible_and_checks_num_steps(vae):
+    model, d, _ = load_case("aln", vae)
+    a = model.sample(d["labels"], cfg=1.5, top_k=8, generator=torch.Generator().manual_seed(1))
+    b = model.sample(d["labels"], cfg=1.5, top_k=8, generator=torch.Generator().manual_seed(1))
+    c = model.sample(d["labels"], cfg=1.5, top_k=8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (4, 30) and a.dtype == torch.int64
+    with pytest.raises(ValueError, match="num_steps"):
+        model.sample(d["labels"], num_steps=8)
+    # low temperature concentrates on the argmax (greedy)
+    greedy = model.sample(d["labels"], cfg=1.5, top_k=1)
+    cold = model.sample(d["labels"], cfg=1.5, temperature=1e-4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy, cold)
+
+
+def test_unbound_model_explains():
+    model = VAR(vocab_size=16, Cvae=4, patch_nums=(1, 2), num_classes=3, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(RuntimeError, match="bind_tokenizer"):
+        model.sample(torch.tensor([0]))
+    with pytest.raises(TypeError, match="multi-scale quantizer"):
+        model.bind_tokenizer(torch.nn.Linear(2, 2))
+
+
+def test_bind_rejects_mismatched_tokenizer(vae):
+    model = VAR(vocab_size=64, Cvae=8, patch_nums=(1, 2, 4), num_classes=3, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="patch_nums"):
+        model.bind_tokenizer(vae)
+    model = VAR(vocab_size=32, Cvae=8, patch_nums=(1, 2, 3, 4), num_classes=3, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.bind_tokenizer(vae)
+
+
+def test_tokenizer_not_in_state_dict(vae):
+    model, _, _ = load_case("aln", vae)
+    assert not any(k.startswith(("vae", "quantize", "tokenizer", "_tokenizer")) for k in model.state_dict())
+    assert "lvl_1L" not in model.state_dict() and "attn_bias_for_masking" not in model.state_dict()
+
+
+# ----------------------------------------------------------------------------- training behaviour
+def test_label_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = VAR(vocab_size=16, Cvae=4, patch_nums=(1, 2), num_classes=3, depth=1, embed_dim=32, num_heads=2,
+                cond_drop_rate=0.5, init_adaln_gamma=1.0)
+    labels, x = torch.zeros(64, dtype=torch.long), torch.randn(64, 4, 4)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(labels, x), model(labels, x)
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c = model(labels, x)
+    uncond = torch.tensor([3] * 64)
+    with torch.no_grad():
+        model.eval()
+        u = model(uncond, x)
+    dropped = ((c - u).abs().amax(dim=(1, 2)) < 1e-6)
+    assert 10 < int(dropped.sum()) < 54  # about half the labels became the null class
+
+
+def test_loss_goes_down(vae):
+    torch.manual_seed(0)
+    model = VAR(vocab_size=64, Cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10, depth=2, embed_dim=64,
+                num_heads=2, drop_path_rate=0.0, init_adaln_gamma=1e-3)
+    model.bind_tokenizer(vae)
+    tokens = torch.randint(0, 64, (8, 30), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model.forward_loss(tokens, labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert {"loss_mean", "loss_tail", "acc_mean", "acc_tail"} <= set(out)
+
+
+def test_progressive_training_schedule(vae):
+    model = VAR(vocab_size=64, Cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10, depth=1, embed_dim=32,
+                num_heads=2, pg=0.5, pg0=1, pgwp=0.1)
+    model.bind_tokenizer(vae)
+    stages = []
+    for step in range(0, 100, 5):
+        model.set_train_progress(step, total_steps=100, warmup_steps=10)
+        stages.append((model.prog_si, round(model.prog_wp, 3)))
+    assert stages[0] == (1, 1.0)  # warm-up: first stage, no loss ramp
+    assert stages[-1] == (-1, 1.0)  # after pg * total: all scales
+    assert [s for s, _ in stages] == sorted([s for s, _ in stages], key=lambda s: 99 if s < 0 else s)
+    # stage = 1 + round(2 * (step - 10) / 40) (Python's round: round(0.5) == 0, as the official):
+    # stage 2 starts at step 21; its loss weight ramps over pgwp * 100 = 10 steps
+    model.set_train_progress(24, total_steps=100, warmup_steps=10)
+    assert model.prog_si == 2 and model.prog_wp == pytest.approx(0.4)
+    model.train()
+    tokens, labels = torch.randint(0, 64, (2, 30)), torch.tensor([1, 2])
+    out = model.forward_loss(tokens, labels)
+    assert torch.isfinite(out["loss"]) and "loss_tail" not in out  # only scales 0..2 were used
+
+
+def test_no_weight_decay_names():
+    model = VAR(vocab_size=16, Cvae=4, patch_nums=(1, 2), num_classes=3, depth=2, embed_dim=32, num_heads=2,
+                shared_aln=True)
+    names = model.no_weight_decay()
+    nowd = {n for n, _ in model.named_parameters() if any(s in n for s in names)}
+    assert {"pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul", "blocks.1.ada_gss"} <= nowd
+    assert not any("qkv" in n or "fc1" in n or "head.weight" == n for n in nowd)
+
+
+def test_official_init():
+    torch.manual_seed(0)
+    m = VAR(vocab_size=256, Cvae=8, patch_nums=(1, 2, 4), num_classes=10, depth=4, init_adaln=0.5,
+            init_adaln_gamma=1e-3, init_head=0.02)
+    C, std = 256, (1 / 256 / 3) ** 0.5
+    w = m.blocks[0].ada_lin[1].weight
+    assert w[:2 * C].std().item() == pytest.approx(std * 1e-3, rel=0.05)
+    assert w[2 * C:].std().item() == pytest.approx(std * 0.5, rel=0.05)
+    assert m.head.weight.std().item() == pytest.approx(std * 0.02, rel=0.05)
+    assert m.blocks[0].attn.proj.weight.std().item() == pytest.approx(std / 8 ** 0.5, rel=0.05)
+    assert m.blocks[0].attn.q_bias.abs().max() == 0 and m.head.bias.abs().max() == 0
+    assert torch.allclose(m.blocks[0].attn.scale_mul, torch.tensor(4.0).log())
+    assert m.pos_1LC.std().item() == pytest.approx(std, rel=0.05)
+    assert [round(b.drop_path.drop_prob, 6) for b in m.blocks[1:]] == [round(0.1 * 4 / 24 * i / 3, 6) for i in (1, 2, 3)]
+
+
+# ----------------------------------------------------------------------------- paper configs
+PAPER = {"var_d16": 310_283_520, "var_d20": 600_917_136, "var_d24": 1_033_399_360, "var_d30": 2_010_020_356,
+         "var_d36_512": 2_353_893_904}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_have_official_parameter_counts(name):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    gen_cfg = cfg["model"]["init_args"]["generator"]
+    assert gen_cfg["class_path"] == "genmodels.generators.var.VAR"
+    with torch.device("meta"):
+        model = instantiate(gen_cfg)
+    assert sum(p.numel() for p in model.parameters()) == PAPER[name]
