@@ -43,6 +43,10 @@ def load_case(name: str, vae=None):
         meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "grid"}
     d = load_file(str(path))
     cfg = {k: v for k, v in meta["var_config"].items() if k in VAR_KEYS}
+    if vae is None:  # V / Cvae otherwise come from vae_local
+        with safe_open(str(FIX / "vae.safetensors"), "pt") as f:
+            vae_cfg = json.loads(f.metadata()["vae_config"])
+        cfg.update(V=vae_cfg["vocab_size"], Cvae=vae_cfg["z_channels"])
     model = from_official("var", _int8_sd(d, "var."), vae_local=vae, **cfg)
     return model, d, meta
 
