@@ -229,6 +229,16 @@ def record_vae(vae_mod, helper, out: Path) -> None:
               metadata={"config": repr(VAE_KW) + "; decoder attn_resolutions=(); perturb seed 3"})
 
 
+def record_keys(mar_mod, vae_mod, out: Path) -> None:
+    """Key names and shapes of the official mar_base (released DiffLoss 6 x 1024) and KL-16, built on meta."""
+    with torch.device("meta"):
+        base = mar_mod.mar_base(diffloss_d=6, diffloss_w=1024)
+        kl16 = vae_mod.AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))
+    for name, m in (("mar_base_keys.txt", base), ("kl16_keys.txt", kl16)):
+        lines = [f"{k} {','.join(str(s) for s in v.shape)}" for k, v in m.state_dict().items()]
+        (out / name).write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mar-root", type=Path, required=True)
@@ -239,6 +249,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     helper = load_weights_helper()
     diffloss, mar, vae = import_official(args.mar_root)
+    if args.only is None:
+        record_keys(mar, vae, args.out)
     if args.only in (None, "diffloss"):
         record_diffloss(diffloss, helper, args.out)
     if args.only in (None, "mar"):

@@ -1,0 +1,469 @@
+"""MAR: masked autoregressive generation with the per-token Diffusion Loss
+(Li, Tian, Li, Deng, He, "Autoregressive Image Generation without Vector Quantization",
+NeurIPS 2024, arXiv:2406.11838; official code ``LTH14/mar`` ``models/mar.py``).
+
+The model (paper §4, Fig. 3): an MAE-style bidirectional encoder sees the class
+("buffer") tokens and the visible tokens, a decoder fills the masked positions with a
+learned mask token and outputs one condition vector ``z`` per token; a small MLP
+(``genmodels.losses.diffusion.DiffLoss``) models ``p(x | z)`` for each continuous token
+by diffusion.
+
+* Training (``forward_loss``): a random order per sample, ONE masking ratio per batch
+  from a truncated normal on [``mask_ratio_min``, 1] (mean 1, std 0.25), ``ceil(L r)``
+  tokens masked; the class is replaced by ``fake_latent`` with probability
+  ``label_drop_prob`` (classifier-free guidance); the Diffusion Loss is averaged over the
+  masked tokens, each repeated ``diffusion_batch_mul`` times with its own t and noise.
+* Sampling (``sample``): ``num_iter`` steps along a random order; after step k,
+  ``floor(L cos(pi/2 (k+1)/num_iter))`` tokens stay masked (at least one fewer than
+  before, the rest are predicted now); CFG doubles the batch with ``fake_latent`` and,
+  with the ``linear`` schedule, uses ``1 + (cfg-1) (L - still_masked) / L``; each token's
+  value is drawn by the DiffLoss sampler at ``temperature`` (which scales the noise).
+
+Variants the paper compares (Table 1, Fig. 6) that the official code never released:
+
+* ``attention="causal", order="raster"``: the causal AR + Diffusion Loss. The same
+  encoder/decoder stacks run with causal attention over ``[buffer, x_0 .. x_{L-2}]``
+  (teacher forcing); the output at the row before token i is ``z_i``. Sampling decodes
+  one token per step with a KV cache in every block.
+* ``order="raster"`` with bidirectional attention: MAR that generates in raster order.
+* ``vocab_size=K``: MAR with a cross-entropy head on discrete tokens (a VQ tokenizer):
+  tokens enter through an embedding table (``token_emb``), ``head`` maps ``z`` to K
+  logits; sampling draws from ``softmax(logits / temperature)`` with CFG on the logits.
+
+Parameter names equal the official checkpoints' keys (``z_proj``, ``encoder_blocks.{i}``
+as timm ``Block``, ``diffloss.net.*`` ...); ``genmodels.checkpoints.mar`` loads them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from genmodels.generators.base import Generator
+from genmodels.losses.diffusion import DiffLoss
+from genmodels.nn.attention import Block, KVCache
+from genmodels.tokenizers.base import TokenSpec
+
+ORDERS = ("random", "raster")
+ATTENTIONS = ("bidirectional", "causal")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def truncnorm_mask_ratio(u: torch.Tensor, mask_ratio_min: float = 0.7, std: float = 0.25) -> torch.Tensor:
+    """Inverse-CDF sample of MAR's masking ratio from uniforms ``u`` in [0, 1): a normal with
+    mean 1 and std 0.25 truncated to [``mask_ratio_min``, 1] (official:
+    ``scipy.stats.truncnorm((mask_ratio_min - 1) / 0.25, 0, loc=1, scale=0.25)``)."""
+    u = u.double()
+    a = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / std, dtype=torch.float64))
+    b = torch.special.ndtr(torch.tensor(0.0, dtype=torch.float64))
+    return (1.0 + std * torch.special.ndtri(a + u * (b - a))).clamp(mask_ratio_min, 1.0)
+
+
+class MAR(Generator):
+    """Masked (or causal) autoregressive transformer with a Diffusion Loss or CE head.
+
+    Args:
+        token_shape: token grid (h, w): ``img_size / vae_stride / patch_size`` per side
+            (16 x 16 for KL-16 at 256 px, patch size 1).
+        token_channels: continuous token dimension (``vae_embed_dim * patch_size**2``).
+        vocab_size: give it (and no ``token_channels``) for discrete tokens with a CE head.
+        num_classes: classes; label ``num_classes`` is the null class (``fake_latent``).
+        encoder_embed_dim, encoder_depth, encoder_num_heads, decoder_*: transformer sizes
+            (mar_base 768/12/12, mar_large 1024/16/16, mar_huge 1280/20/16).
+        mlp_ratio: MLP width factor (4).
+        mask_ratio_min: lower end of the truncated-normal masking ratio (0.7).
+        label_drop_prob: training probability of the null class (0.1).
+        attn_dropout, proj_dropout: dropout in the blocks (0.1 each in MAR).
+        buffer_size: number of class ("buffer") tokens prepended (64).
+        diffloss_d, diffloss_w: DiffLoss MLP depth / width.
+        num_sampling_steps: diffusion steps of the DiffLoss sampler ("100").
+        diffusion_batch_mul: t / noise draws per token in training (4 in the README).
+        grad_checkpointing: activation checkpointing of blocks and DiffLoss blocks.
+        order: ``random`` (MAR) or ``raster`` generation order.
+        attention: ``bidirectional`` (MAR) or ``causal`` (AR, raster order only).
+        num_iter: default sampling steps (``sample(num_steps=...)`` overrides; 64 in the
+            paper's speed setting, 256 for its best FID). Ignored by the causal variant,
+            which always takes L steps.
+        cfg_schedule: ``linear`` (official default) or ``constant``.
+    """
+
+    def __init__(self, token_shape: Sequence[int] = (16, 16), token_channels: int | None = 16,
+                 vocab_size: int | None = None, num_classes: int = 1000,
+                 encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
+                 decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4.0, mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1,
+                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
+                 diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str | int = "100",
+                 diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, order: str = "random",
+                 attention: str = "bidirectional", num_iter: int = 64, cfg_schedule: str = "linear") -> None:
+        super().__init__()
+        token_shape = tuple(int(s) for s in token_shape)
+        if order not in ORDERS:
+            raise ValueError(f"MAR.order must be one of {ORDERS}, got {order!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"MAR.attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "causal" and order != "raster":
+            raise ValueError("MAR.attention='causal' (the AR variant) needs order='raster'")
+        if attention == "causal" and buffer_size < 1:
+            raise ValueError("MAR.attention='causal' needs buffer_size >= 1 (the class rows predict the first token)")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"MAR.cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        self.discrete = vocab_size is not None
+        if self.discrete:
+            self.spec = TokenSpec("discrete", (token_shape,), vocab_size=int(vocab_size))
+        else:
+            if not token_channels:
+                raise ValueError("MAR needs token_channels (continuous tokens) or vocab_size (discrete tokens)")
+            self.spec = TokenSpec("continuous", (token_shape,), channels=int(token_channels))
+        self.seq_len = math.prod(token_shape)
+        self.token_embed_dim = None if self.discrete else int(token_channels)
+        self.num_classes = int(num_classes)
+        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
+        self.buffer_size, self.order, self.attention = buffer_size, order, attention
+        self.num_iter, self.cfg_schedule = num_iter, cfg_schedule
+        self.diffusion_batch_mul = diffusion_batch_mul
+        self.grad_checkpointing = grad_checkpointing
+        L, De, Dd = self.seq_len, encoder_embed_dim, decoder_embed_dim
+
+        # class embedding; fake_latent is the "null" class of classifier-free guidance
+        self.class_emb = nn.Embedding(self.num_classes, De)
+        self.fake_latent = nn.Parameter(torch.zeros(1, De))
+        # encoder
+        if self.discrete:
+            self.token_emb = nn.Embedding(int(vocab_size), De)
+        else:
+            self.z_proj = nn.Linear(self.token_embed_dim, De)
+        self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, De))
+        self.encoder_blocks = nn.ModuleList([
+            Block(De, encoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=1e-6, drop=proj_dropout,
+                  attn_drop=attn_dropout) for _ in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
+        # decoder
+        self.decoder_embed = nn.Linear(De, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd)) if attention == "bidirectional" else None
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, Dd))
+        self.decoder_blocks = nn.ModuleList([
+            Block(Dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=1e-6, drop=proj_dropout,
+                  attn_drop=attn_dropout) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
+        if self.discrete:
+            self.head = nn.Linear(Dd, int(vocab_size))
+        self.initialize_weights()
+        # the DiffLoss MLP initialises itself (zero adaLN / output layers)
+        self.diffloss = None if self.discrete else DiffLoss(
+            target_channels=self.token_embed_dim, z_channels=Dd, depth=diffloss_d, width=diffloss_w,
+            num_sampling_steps=num_sampling_steps, grad_checkpointing=grad_checkpointing)
+
+    def initialize_weights(self) -> None:
+        """Official ``initialize_weights``: N(0, 0.02) embeddings / tokens, xavier-uniform
+        Linear with zero bias, LayerNorm 1 / 0."""
+        for p in (self.class_emb.weight, self.fake_latent, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+        if self.discrete:
+            nn.init.normal_(self.token_emb.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> tuple[str, ...]:
+        """The official optimiser skips weight decay for every DiffLoss parameter
+        (``misc.add_weight_decay``); 1-D tensors and biases are skipped by the trainer."""
+        return ("diffloss",)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def mar_base(cls, **overrides) -> "MAR":
+        """MAR-B (208M with the released DiffLoss 6 x 1024): 768 wide, 12 + 12 blocks, 12 heads."""
+        kw = dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
+                  decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def mar_large(cls, **overrides) -> "MAR":
+        """MAR-L (479M with the released DiffLoss 8 x 1280): 1024 wide, 16 + 16 blocks, 16 heads."""
+        kw = dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
+                  decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def mar_huge(cls, **overrides) -> "MAR":
+        """MAR-H (943M with the released DiffLoss 12 x 1536): 1280 wide, 20 + 20 blocks, 16 heads."""
+        kw = dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
+                  decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536)
+        return cls(**{**kw, **overrides})
+
+    #: README evaluation settings of the released 800-epoch models (FID-50K 2.31 / 1.78 / 1.55).
+    SAMPLE_PRESETS = {
+        "mar_base": dict(num_steps=256, cfg=2.9, temperature=1.0, cfg_schedule="linear"),
+        "mar_large": dict(num_steps=256, cfg=3.0, temperature=1.0, cfg_schedule="linear"),
+        "mar_huge": dict(num_steps=256, cfg=3.2, temperature=1.0, cfg_schedule="linear"),
+        "no_cfg": dict(num_steps=256, cfg=1.0, temperature=0.95),
+    }
+
+    # ------------------------------------------------------------------ pieces
+    def class_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) in [0, num_classes] -> (B, D_enc); ``num_classes`` gives ``fake_latent``."""
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                             f"got min {labels.min().item()} max {labels.max().item()}")
+        emb = self.class_emb(labels.clamp(max=self.num_classes - 1))
+        return torch.where((labels == self.num_classes)[:, None], self.fake_latent.to(emb.dtype), emb)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) continuous or (B, T) ids -> (B, T, D_enc)."""
+        return self.token_emb(tokens) if self.discrete else self.z_proj(tokens)
+
+    def sample_orders(self, batch_size: int, device: torch.device | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, L) int64 generation orders: tokens at the END of an order are generated first
+        (the first ``k`` entries are the ones still masked). ``random``: a uniform permutation
+        per sample (official ``np.random.shuffle``); ``raster``: ``L-1, ..., 0`` (top-left first)."""
+        if self.order == "raster":
+            return torch.arange(self.seq_len - 1, -1, -1, device=device).expand(batch_size, -1).clone()
+        return torch.argsort(torch.rand(batch_size, self.seq_len, device=device, generator=generator), dim=1)
+
+    def random_masking(self, batch_size: int, orders: torch.Tensor, mask_rate: float | None = None) -> torch.Tensor:
+        """(B, L) bool, True = masked: the first ``ceil(L r)`` positions of each order, one
+        ratio ``r`` for the whole batch (global torch RNG unless ``mask_rate`` is given)."""
+        if mask_rate is None:
+            mask_rate = truncnorm_mask_ratio(torch.rand(1), self.mask_ratio_min).item()
+        num_masked = int(math.ceil(self.seq_len * mask_rate))
+        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool, device=orders.device)
+        return mask.scatter_(1, orders[:, :num_masked], True)
+
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, is_causal: bool = False,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
+        for i, blk in enumerate(blocks):
+            if caches is not None:
+                x = blk(x, is_causal=is_causal and len(caches[i]) == 0, cache=caches[i])
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, None, is_causal, use_reentrant=False)
+            else:
+                x = blk(x, is_causal=is_causal)
+        return x
+
+    def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor
+                            ) -> torch.Tensor:
+        """Official ``forward_mae_encoder``: tokens (B, L, C) or (B, L) ids, mask (B, L)
+        (nonzero = masked), class_embedding (B, D) -> (B, buffer + #visible, D). Every sample
+        must have the same number of masked tokens (masked rows are dropped)."""
+        x = self.embed_tokens(tokens)
+        B, L, D = x.shape
+        buffer = class_embedding[:, None, :].to(x.dtype).expand(B, self.buffer_size, D)
+        x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned)
+        keep = self._keep(mask)
+        n_keep = keep.sum(1)
+        if (n_keep != n_keep[0]).any():
+            raise ValueError(f"every sample must have the same number of masked tokens, got {(~keep).sum(1).tolist()}")
+        x = x[keep].reshape(B, -1, D)
+        return self.encoder_norm(self._blocks(self.encoder_blocks, x))
+
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Official ``forward_mae_decoder``: encoder output -> z (B, L, D_dec), one condition per token."""
+        x = self.decoder_embed(x)
+        keep = self._keep(mask)
+        B, T = keep.shape
+        full = self.mask_token.to(x.dtype).expand(B, T, x.shape[-1]).clone()
+        full[keep] = x.reshape(-1, x.shape[-1])
+        x = self.decoder_norm(self._blocks(self.decoder_blocks, full + self.decoder_pos_embed_learned))
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def _keep(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, buffer + L) bool: rows the encoder sees (the buffer always)."""
+        buffer = torch.zeros(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
+        return torch.cat([buffer, mask.bool()], dim=1).logical_not()
+
+    def forward_causal(self, x: torch.Tensor, start: int, caches: tuple[list[KVCache], list[KVCache]] | None = None
+                       ) -> torch.Tensor:
+        """Causal variant: rows ``start .. start+T-1`` of ``[buffer, x_0 .. x_{L-2}]``, already
+        embedded (B, T, D_enc) without position -> decoder outputs (B, T, D_dec) (before the
+        diffusion position embedding). With ``caches`` (one KVCache per encoder and decoder
+        block) the rows attend to all previously cached rows."""
+        T = x.shape[1]
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, start:start + T])
+        x = self.encoder_norm(self._blocks(self.encoder_blocks, x, True, caches[0] if caches else None))
+        x = self.decoder_embed(x) + self.decoder_pos_embed_learned[:, start:start + T]
+        return self.decoder_norm(self._blocks(self.decoder_blocks, x, True, caches[1] if caches else None))
+
+    def causal_z(self, tokens: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: z (B, L, D_dec) for every token from ``[buffer, x_0 .. x_{L-2}]``."""
+        x = self.embed_tokens(tokens[:, :-1])
+        B, D = x.shape[0], x.shape[-1]
+        buffer = class_embedding[:, None, :].to(x.dtype).expand(B, self.buffer_size, D)
+        h = self.forward_causal(torch.cat([buffer, x], dim=1), 0)
+        return h[:, self.buffer_size - 1:] + self.diffusion_pos_embed_learned
+
+    # ------------------------------------------------------------------ training
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, *, orders: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens (B, L, C) float or (B, L) ids, labels (B,) -> {loss, mask_ratio, (mse, vb | acc)}.
+
+        ``orders`` / ``mask`` (True = masked) may be given (tests); otherwise they are drawn
+        from the global torch RNG (seeded per step by the trainer)."""
+        self.spec.check(tokens)
+        B = tokens.shape[0]
+        cls = self.class_embedding(labels)
+        if self.training and self.label_drop_prob > 0:
+            drop = (torch.rand(B, device=cls.device) < self.label_drop_prob)[:, None].to(cls.dtype)
+            cls = drop * self.fake_latent + (1 - drop) * cls
+        if self.attention == "causal":
+            z = self.causal_z(tokens, cls)
+            mask = torch.ones(B, self.seq_len, dtype=torch.bool, device=tokens.device)
+        else:
+            if mask is None:
+                if orders is None:
+                    orders = self.sample_orders(B, tokens.device)
+                mask = self.random_masking(B, orders)
+            mask = mask.bool()
+            z = self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, cls), mask)
+        out = self.token_loss(z[mask], tokens[mask])
+        out["mask_ratio"] = mask.float().mean()
+        return out
+
+    def token_loss(self, z: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss of the predicted tokens only: z (M, D), targets (M, C) or (M,) ids.
+
+        DiffLoss: each row is repeated ``diffusion_batch_mul`` times with its own t and noise;
+        the mean over rows equals the official ``sum(loss * mask) / sum(mask)`` over the
+        repeated full batch (unmasked rows, which the official code also evaluates with
+        weight 0, are skipped)."""
+        if self.discrete:
+            logits = self.head(z)
+            loss = F.cross_entropy(logits.float(), target)
+            return {"loss": loss, "acc": (logits.argmax(-1) == target).float().mean()}
+        mul = self.diffusion_batch_mul
+        terms = self.diffloss.loss_terms(target.repeat(mul, 1), z.repeat(mul, 1))
+        return {"loss": terms["loss"].mean(), "mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
+
+    # ------------------------------------------------------------------ sampling
+    def sample_head(self, z: torch.Tensor, temperature: float, cfg: float, generator: torch.Generator | None,
+                    num_sampling_steps: str | int | None = None) -> torch.Tensor:
+        """Draw tokens for conditions z: (N, D), or (2N, D) = [cond | uncond] when ``cfg != 1``."""
+        if not self.discrete:
+            return self.diffloss.sample(z, temperature, cfg, generator=generator, num_sampling_steps=num_sampling_steps)
+        logits = self.head(z).float()
+        if cfg != 1.0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg * (cond - uncond)
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def _cfg_at(self, cfg: float, still_masked: int, schedule: str) -> float:
+        """Guidance strength when ``still_masked`` tokens remain masked after this step."""
+        if schedule == "linear":
+            return 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len
+        return cfg
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
+               num_steps: int | None = None, generator: torch.Generator | None = None,
+               cfg_schedule: str | None = None, num_sampling_steps: str | int | None = None,
+               orders: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        """Generate tokens (B, L, C) (or (B, L) ids) for ``labels`` (B,) (``num_classes`` = unconditional).
+
+        ``num_steps``: autoregressive steps (``num_iter``, default ``self.num_iter``; the causal
+        variant always takes L); ``cfg``: guidance scale (1 = none); ``temperature``: DiffLoss
+        noise scale (or softmax temperature for the CE head); ``num_sampling_steps``: diffusion
+        steps per token (default: the model's); ``orders`` (B, L): fixed generation orders.
+        """
+        if unused:
+            unknown = sorted(k for k in unused if k not in ("top_k", "top_p"))
+            if unknown:
+                raise TypeError(f"MAR.sample got unexpected arguments {unknown}")
+        schedule = cfg_schedule or self.cfg_schedule
+        if schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+        device = self.fake_latent.device
+        labels = labels.to(device)
+        B, L = labels.shape[0], self.seq_len
+        guided = cfg != 1.0
+        cls = self.class_embedding(labels)
+        if guided:
+            cls = torch.cat([cls, self.fake_latent.expand(B, -1).to(cls.dtype)])
+        if self.discrete:
+            tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+        else:
+            tokens = torch.zeros(B, L, self.token_embed_dim, device=device, dtype=self.fake_latent.dtype)
+
+        def draw(z: torch.Tensor, cfg_now: float) -> torch.Tensor:
+            return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps)
+
+        if self.attention == "causal":
+            return self._sample_causal(tokens, cls, guided, cfg, schedule, draw)
+
+        num_iter = int(num_steps or self.num_iter)
+        if orders is None:
+            orders = self.sample_orders(B, device, generator)
+        orders = orders.to(device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        for step in range(num_iter):
+            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+            z = self.forward_mae_decoder(self.forward_mae_encoder(tok_in, mask_in, cls), mask_in)
+            # mask ratio for the next round (MaskGIT cosine), at least one token fewer
+            n_masked = int(mask[0].sum())
+            mask_len = max(1, min(n_masked - 1, math.floor(L * math.cos(math.pi / 2.0 * (step + 1) / num_iter))))
+            mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], True)
+            to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
+            mask = mask_next
+            if not to_pred.any():
+                continue
+            z_pred = torch.cat([z[:B][to_pred], z[B:][to_pred]]) if guided else z[to_pred]
+            tokens[to_pred] = draw(z_pred, self._cfg_at(cfg, mask_len, schedule)).to(tokens.dtype)
+            if step >= num_iter - 1:
+                break
+        return tokens
+
+    def _sample_causal(self, tokens: torch.Tensor, cls: torch.Tensor, guided: bool, cfg: float, schedule: str,
+                       draw: Callable[[torch.Tensor, float], torch.Tensor]) -> torch.Tensor:
+        """Raster decoding with a KV cache: step i feeds x_{i-1} (the class rows at i = 0)."""
+        B, L = tokens.shape[0], self.seq_len
+        for i, z in enumerate(self.causal_z_incremental(cls, lambda i: tokens[:, i])):
+            z_pred = z if guided else z[:B]
+            tokens[:, i] = draw(z_pred, self._cfg_at(cfg, L - i - 1, schedule)).to(tokens.dtype)
+        return tokens
+
+    def causal_z_incremental(self, class_embedding: torch.Tensor, token_at: Callable[[int], torch.Tensor]):
+        """Yield z_i (B', D_dec) for i = 0 .. L-1 with KV caches; before computing z_i (i > 0)
+        it reads token i-1 from ``token_at(i - 1)`` ((B, C) or (B,), duplicated to B' = 2B
+        rows when the class embedding is doubled for guidance)."""
+        Bc = class_embedding.shape[0]
+        caches = ([KVCache() for _ in self.encoder_blocks], [KVCache() for _ in self.decoder_blocks])
+        D = class_embedding.shape[-1]
+        h = self.forward_causal(class_embedding[:, None, :].expand(Bc, self.buffer_size, D), 0, caches)
+        for i in range(self.seq_len):
+            if i > 0:
+                prev = token_at(i - 1)
+                if prev.shape[0] != Bc:
+                    prev = torch.cat([prev] * (Bc // prev.shape[0]))
+                h = self.forward_causal(self.embed_tokens(prev[:, None]), self.buffer_size + i - 1, caches)
+            yield h[:, -1] + self.diffusion_pos_embed_learned[:, i]
+
+
+def mar_base(**kwargs) -> MAR:
+    return MAR.mar_base(**kwargs)
+
+
+def mar_large(**kwargs) -> MAR:
+    return MAR.mar_large(**kwargs)
+
+
+def mar_huge(**kwargs) -> MAR:
+    return MAR.mar_huge(**kwargs)
