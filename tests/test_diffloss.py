@@ -16,6 +16,15 @@ FIX = Path(__file__).parent / "fixtures" / "mar"
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is much faster than several on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _weights():
     spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
     mod = importlib.util.module_from_spec(spec)

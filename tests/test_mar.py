@@ -23,6 +23,15 @@ TINY = dict(token_shape=(4, 4), token_channels=4, num_classes=3, encoder_embed_d
             diffloss_d=1, diffloss_w=32, num_sampling_steps="4", attn_dropout=0.0, proj_dropout=0.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is much faster than several on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _weights():
     spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
     mod = importlib.util.module_from_spec(spec)
