@@ -86,6 +86,9 @@ def test_shapes_and_double_z():
     assert z.shape == (2, 8, 8, 8)
     assert dec(z[:, :4]).shape == (2, 3, 16, 16)
     assert len(dec.up[0].block) == 1 and not hasattr(dec.up[0], "upsample") and hasattr(dec.up[1], "upsample")
+    enc1 = Encoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, conv_out_ks=1, resamp_with_conv=False)
+    assert enc1.conv_out.weight.shape == (4, 64, 1, 1) and enc1(x).shape == (2, 4, 8, 8)
+    assert not hasattr(enc1.down[0].downsample, "conv")
 
 
 def test_blocks_behave():

@@ -155,12 +155,13 @@ class Encoder(nn.Module):
         mid_attn: attention between the two mid blocks (VAR ``using_mid_sa``; LDM always).
         attn_type: ``"qkv"`` (fused, VAR) or ``"separate"`` (q/k/v, LDM).
         resamp_with_conv: strided conv (default) or average pooling for downsampling.
+        conv_out_ks: kernel of ``conv_out`` (3 in LDM/VAR; MaskGIT-VQGAN uses 1).
     """
 
     def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
                  z_channels: int, in_channels: int = 3, double_z: bool = False, dropout: float = 0.0,
                  attn_levels: Sequence[int] = (), mid_attn: bool = True, attn_type: str = "qkv",
-                 resamp_with_conv: bool = True) -> None:
+                 resamp_with_conv: bool = True, conv_out_ks: int = 3) -> None:
         super().__init__()
         self.num_levels = len(ch_mult)
         self.downsample_ratio = 2 ** (self.num_levels - 1)
@@ -183,7 +184,8 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _mid(block_in, dropout, mid_attn, attn_type)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, conv_out_ks, 1,
+                                  conv_out_ks // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

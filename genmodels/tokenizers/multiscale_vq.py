@@ -422,8 +422,10 @@ class VQVAE(Tokenizer):
         test_mode: as official: eval mode and frozen parameters (default False: trainable).
         ch_mult, num_res_blocks, using_sa, using_mid_sa: conv net (official: (1,1,2,2,4), 2,
             True, True). using_sa puts attention after each res block of the lowest level.
-        resamp_with_conv: strided-conv down / conv up (True) or avg-pool down / plain nearest up.
+        downsample_with_conv: pad + strided 3x3 conv (True, LDM/VAR) or 2x2 average pooling (MaskGIT-VQGAN).
+        upsample_with_conv: nearest x2 followed by a 3x3 conv (True) or plain nearest.
         decoder_blocks_per_level: default num_res_blocks + 1.
+        encoder_out_ks: kernel of the encoder's conv_out (3; MaskGIT-VQGAN 1).
         in_channels: image channels.
         rec_loss: ``"l1"`` (VQGAN) or ``"l2"`` for ``losses``; vq_weight: weight of the VQ loss.
         dead_code_restart: see ``MultiScaleVectorQuantizer`` (training only; 0 = off).
@@ -441,8 +443,8 @@ class VQVAE(Tokenizer):
                  quant_resi: float | None = None, share_quant_resi: int = 4, default_qresi_counts: int = 0,
                  v_patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode: bool = False, *,
                  ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2, using_sa: bool = True,
-                 using_mid_sa: bool = True, resamp_with_conv: bool = True,
-                 decoder_blocks_per_level: int | None = None, in_channels: int = 3, rec_loss: str = "l1",
+                 using_mid_sa: bool = True, downsample_with_conv: bool = True, upsample_with_conv: bool = True,
+                 decoder_blocks_per_level: int | None = None, encoder_out_ks: int = 3, in_channels: int = 3, rec_loss: str = "l1",
                  vq_weight: float = 1.0, dead_code_restart: int = 0, eini: float = 0.0) -> None:
         super().__init__()
         v_patch_nums = _check_patch_nums(v_patch_nums, "v_patch_nums")
@@ -455,10 +457,11 @@ class VQVAE(Tokenizer):
         self.rec_loss, self.vq_weight, self.test_mode = rec_loss, float(vq_weight), test_mode
         attn_levels = (len(ch_mult) - 1,) if using_sa else ()
         dd = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-                  dropout=dropout, attn_levels=attn_levels, mid_attn=using_mid_sa, attn_type="qkv",
-                  resamp_with_conv=resamp_with_conv)
-        self.encoder = Encoder(in_channels=in_channels, double_z=False, **dd)
-        self.decoder = Decoder(out_channels=in_channels, blocks_per_level=decoder_blocks_per_level, **dd)
+                  dropout=dropout, attn_levels=attn_levels, mid_attn=using_mid_sa, attn_type="qkv")
+        self.encoder = Encoder(in_channels=in_channels, double_z=False, resamp_with_conv=downsample_with_conv,
+                               conv_out_ks=encoder_out_ks, **dd)
+        self.decoder = Decoder(out_channels=in_channels, blocks_per_level=decoder_blocks_per_level,
+                               resamp_with_conv=upsample_with_conv, **dd)
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.quantize = MultiScaleVectorQuantizer(
             vocab_size, z_channels, v_patch_nums, using_znorm=using_znorm, beta=beta, quant_resi=quant_resi,
