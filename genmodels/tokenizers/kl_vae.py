@@ -33,6 +33,17 @@ from genmodels.nn.conv import Decoder, Encoder, ldm_attn_levels
 from genmodels.tokenizers.base import Tokenizer, TokenSpec
 
 
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """(..., C, h, w) -> (..., (h/p)(w/p), C p p): MAR's ``patchify`` (``nchpwq -> nhwcpq``:
+    tokens row-major, each token's features channel-major)."""
+    return rearrange(z, "... c (h p) (w q) -> ... (h w) (c p q)", p=p, q=p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """(..., h w, C p p) -> (..., C, h p, w p): MAR's ``unpatchify``."""
+    return rearrange(tokens, "... (h w) (c p q) -> ... c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+
 class DiagonalGaussian:
     """Posterior from moments (B, 2C, h, w) = [mean | logvar]; logvar clamped to [-30, 20]
     (LDM ``DiagonalGaussianDistribution``)."""
@@ -123,13 +134,11 @@ class KLVAE(Tokenizer):
 
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, (h/p)(w/p), C p p): MAR's ``patchify`` (features channel-major)."""
-        p = self.patch_size
-        return rearrange(z, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+        return patchify(z, self.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, C p p) -> (B, C, h, w): MAR's ``unpatchify``."""
-        p, (h, w) = self.patch_size, self.spec.grid
-        return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
+        return unpatchify(tokens, self.patch_size, *self.spec.grid)
 
     # ------------------------------------------------------------------ tokens (genmodels contract)
     @torch.no_grad()
