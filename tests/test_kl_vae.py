@@ -91,7 +91,9 @@ def test_encode_decode_contract():
 
 def test_training_lowers_reconstruction_loss():
     torch.manual_seed(0)
-    vae = KLVAE(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=())
+    vae = KLVAE(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=(),
+                scale_factor=None)
+    assert vae.latent_scale == 1.0 and "latent_std" in vae.state_dict()
     images = torch.zeros(8, 3, 16, 16) - 1
     for i in range(8):  # simple shapes
         images[i, :, 2 + i: 8 + i, 3:12] = 1
@@ -108,6 +110,11 @@ def test_training_lowers_reconstruction_loss():
     assert out["loss"].item() == pytest.approx(out["rec_loss"].item() + 1e-6 * out["kl"].item() / (3 * 16 * 16),
                                                rel=1e-5)
     assert vae.last_layer() is vae.decoder.conv_out.weight
+    # scale_factor=None: 1 / (running std of the posterior samples) -> tokens of about unit std
+    assert vae.latent_std > 0 and vae.latent_scale == pytest.approx(1 / vae.latent_std.item())
+    tokens = vae.eval().encode(images)
+    assert 0.5 < tokens.std().item() < 2.0  # the average lags the growing std over 40 steps
+    assert "latent_std" not in KLVAE.kl16.__func__(KLVAE, ch=32, ch_mult=(1, 2), resolution=16).state_dict()
 
 
 def test_bad_inputs_are_named():

@@ -62,7 +62,7 @@ def cache_latents(tokenizer: torch.nn.Module, datamodule: ImageDataModule, out_d
     meta: dict[str, Any] = {
         "format": FORMAT, "kind": "moments" if posterior else "tokens", "flip": bool(flip),
         "tokenizer": getattr(tokenizer, "config", None), "fingerprint": tokenizer_fingerprint(tokenizer),
-        "scale_factor": float(getattr(tokenizer, "scale_factor", 1.0)),
+        "scale_factor": float(getattr(tokenizer, "latent_scale", 1.0)),
         "patch_size": int(getattr(tokenizer, "patch_size", 1)),
         "grid": list(tokenizer.spec.grid), "num_classes": int(datamodule.num_classes),
         "dataset_id": datamodule.dataset_id, "image_size": int(datamodule.image_size), "splits": {},

@@ -78,7 +78,10 @@ class KLVAE(Tokenizer):
             at 256 px); ``decoder_attn_resolutions``: the same for the decoder (() in MAR).
         use_variational: as the official flag; False gives a fixed logvar of 1 (official).
         patch_size: latent patch per token (1 in MAR; tokens have embed_dim * p^2 channels).
-        scale_factor: latents are multiplied by it in ``encode`` (0.2325 for KL-16).
+        scale_factor: latents are multiplied by it in ``encode`` (0.2325 for KL-16). ``None``
+            (for a new tokenizer): ``1 / std`` of the posterior samples, tracked during training
+            as an exponential moving average (momentum ``0.99``) in the buffer ``latent_std``
+            (saved with the checkpoint), so a trained tokenizer gives unit-variance tokens.
         sample_posterior: ``encode`` returns a posterior sample (True, MAR) or the mean.
         kl_weight: weight of the KL term (LDM's 1e-6, see the module note on normalisation).
         rec_loss: ``"l1"`` (LDM) or ``"l2"``.
@@ -87,7 +90,7 @@ class KLVAE(Tokenizer):
     def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, resolution: int = 256, attn_resolutions: Sequence[int] = (16,),
                  decoder_attn_resolutions: Sequence[int] = (), dropout: float = 0.0, use_variational: bool = True,
-                 patch_size: int = 1, scale_factor: float = 0.2325, sample_posterior: bool = True,
+                 patch_size: int = 1, scale_factor: float | None = 0.2325, sample_posterior: bool = True,
                  kl_weight: float = 1e-6, rec_loss: str = "l1", in_channels: int = 3) -> None:
         super().__init__()
         if rec_loss not in ("l1", "l2"):
@@ -98,7 +101,10 @@ class KLVAE(Tokenizer):
             raise ValueError(f"KLVAE: resolution {resolution} is not divisible by the stride {self.downsample} "
                              f"x patch_size {patch_size}")
         self.embed_dim, self.patch_size, self.resolution = int(embed_dim), int(patch_size), int(resolution)
-        self.scale_factor, self.sample_posterior = float(scale_factor), sample_posterior
+        self.scale_factor = None if scale_factor is None else float(scale_factor)
+        self.sample_posterior = sample_posterior
+        if self.scale_factor is None:  # 0 = not measured yet
+            self.register_buffer("latent_std", torch.zeros(()))
         self.kl_weight, self.rec_loss, self.use_variational = kl_weight, rec_loss, use_variational
         common = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=embed_dim,
                       dropout=dropout, mid_attn=True, attn_type="separate")
@@ -112,6 +118,14 @@ class KLVAE(Tokenizer):
         self.latent_size = resolution // self.downsample
         self.spec = TokenSpec("continuous", ((side, side),), channels=embed_dim * patch_size ** 2,
                               image_size=resolution)
+
+    @property
+    def latent_scale(self) -> float:
+        """The factor applied to latents in ``encode`` (``scale_factor``, or ``1 / latent_std``)."""
+        if self.scale_factor is not None:
+            return self.scale_factor
+        std = float(self.latent_std)
+        return 1.0 / std if std > 0 else 1.0
 
     # ------------------------------------------------------------------ latents
     def _check_images(self, images: torch.Tensor) -> None:
@@ -149,27 +163,32 @@ class KLVAE(Tokenizer):
         post = self.encode_posterior(images)
         use_sample = self.sample_posterior if sample is None else sample
         z = post.sample(generator) if use_sample else post.mode()
-        return self.patchify(z * self.scale_factor)
+        return self.patchify(z * self.latent_scale)
 
     def decode(self, tokens: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """tokens (B, L, C) -> images (B, 3, H, W), clamped to [-1, 1] unless ``clamp=False``
         (MAR: ``vae.decode(tokens / 0.2325)``)."""
         self.spec.check(tokens)
-        images = self.decode_latent(self.unpatchify(tokens) / self.scale_factor)
+        images = self.decode_latent(self.unpatchify(tokens) / self.latent_scale)
         return images.clamp(-1, 1) if clamp else images
 
     # ------------------------------------------------------------------ training
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss = rec_loss + kl_weight * kl / (3 H W)``; also ``recon`` (unclamped decode of a
         posterior sample), ``rec_loss`` (mean L1 / L2), ``kl`` (KL per image, batch mean),
-        ``latent_std`` (std of the posterior means: pick ``scale_factor`` ~ 1 / it)."""
+        ``latent_std`` (std of the posterior samples of this batch: ``scale_factor`` ~ 1 / it)."""
         post = self.encode_posterior(images)
-        recon = self.decode_latent(post.sample())
+        z = post.sample()
+        if self.scale_factor is None and self.training:
+            with torch.no_grad():
+                std = z.detach().float().std()
+                self.latent_std.copy_(std if self.latent_std == 0 else 0.99 * self.latent_std + 0.01 * std)
+        recon = self.decode_latent(z)
         rec_loss = (recon - images).abs().mean() if self.rec_loss == "l1" else F.mse_loss(recon, images)
         kl = post.kl().mean()
         loss = rec_loss + self.kl_weight * kl / images[0].numel()
         return {"loss": loss, "recon": recon, "rec_loss": rec_loss, "kl": kl,
-                "latent_std": post.mean.detach().float().std()}
+                "latent_std": z.detach().float().std()}
 
     def last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
