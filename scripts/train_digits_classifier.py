@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight_decay", type=float, default=1e-4)
+    ap.add_argument("--label_smoothing", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image_size", type=int, default=32)
     args = ap.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             x = shift(x_train[idx], g)
             x = x + 0.05 * torch.randn(x.shape, generator=g)
-            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
