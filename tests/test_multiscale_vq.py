@@ -212,7 +212,7 @@ def test_short_training_on_digits_lowers_reconstruction_error(pns, steps, one_th
 
 
 @pytest.mark.slow
-def test_longer_training_on_digits():
+def test_longer_training_on_digits(one_thread):
     before, after, usage = train_digits((1, 2, 3, 4, 6, 8), 400)
     assert after < 0.05 * before and usage > 0.5, (before, after, usage)
 
