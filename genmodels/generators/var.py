@@ -379,7 +379,8 @@ class VAR(Generator):
         out = {"loss": loss}
         with torch.no_grad():
             lg = logits.detach()
-            out["loss_mean"] = F.cross_entropy(lg.reshape(-1, self.V), target.reshape(-1))
+            out["loss_mean"] = (ce.detach().mean() if self.label_smoothing == 0 else
+                                F.cross_entropy(lg.reshape(-1, self.V), target.reshape(-1)))
             out["acc_mean"] = (lg.argmax(-1) == target).float().mean() * 100
             if ed == self.L:
                 last = self.patch_nums[-1] ** 2
@@ -408,7 +409,15 @@ class VAR(Generator):
         f_hat (B, Cvae, pn_K, pn_K)); with ``more_smooth`` (visualisation only) f_hat comes
         from Gumbel-softmax mixtures of codes, not from the returned tokens.
         """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
         quant = self.quantizer
+        labels = labels.long()
+        if int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
         B, K = labels.shape[0], len(self.patch_nums)
         guided = cfg != 0
         if guided:
