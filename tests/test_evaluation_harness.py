@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -285,3 +286,54 @@ def test_trainer_test_with_generator_module_logs_metrics_and_row(tmp_path):
     assert rows[0]["sampling"] == {"temperature": 1.0, "cfg": 1.5} and rows[0]["ckpt_path"] == ckpt
     assert rows[0]["fid"] == pytest.approx(out["test/fid"], rel=1e-6)
     assert "evaluator" not in "".join(torch.load(ckpt, weights_only=False)["state_dict"])
+
+
+def test_genmodels_test_cli_with_evaluation_config(tmp_path, monkeypatch):
+    """`genmodels test --config ... --config configs/evaluation/digits.yaml --ckpt_path ...` on a
+    tiny (untrained) VQ-VAE + MaskGIT: metrics, a results row naming the experiment config."""
+    from genmodels.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    exp = tmp_path / "tiny_maskgit.yaml"
+    exp.write_text(f"""
+model:
+  class_path: genmodels.training.GeneratorModule
+  init_args:
+    tokenizer:
+      class_path: genmodels.tokenizers.multiscale_vq.VQVAE
+      init_args: {{vocab_size: 64, z_channels: 8, ch: 32, ch_mult: [1, 2, 2], num_res_blocks: 1,
+                  using_sa: false, using_mid_sa: false, v_patch_nums: [8]}}
+    generator:
+      class_path: genmodels.generators.maskgit.MaskGIT
+      init_args: {{vocab_size: 64, token_shape: [8, 8], num_classes: 10, hidden_size: 32, depth: 1,
+                  num_heads: 2, intermediate_size: 64}}
+    ema_decay: null
+    sample_kwargs: {{num_steps: 2, cfg: 2.0}}
+trainer:
+  max_steps: 1
+  limit_val_batches: 0
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  default_root_dir: {tmp_path / 'runs'}
+""")
+    data = str(root / "configs" / "data" / "digits.yaml")
+    main(["fit", "--config", data, "--config", str(exp)])
+    ckpt = next((tmp_path / "runs").rglob("*.ckpt"))
+    results = tmp_path / "results" / "digits.jsonl"
+    # as the console script runs it: the row's config files come from sys.argv
+    monkeypatch.setattr(sys, "argv", [
+        "genmodels", "test", "--config", data, "--config", str(exp), "--config", str(root / "configs/evaluation/digits.yaml"),
+        "--model.init_args.evaluator.init_args.num_samples", "40",
+        "--model.init_args.evaluator.init_args.num_reference", "200",
+        "--model.init_args.evaluator.init_args.cache_dir", str(tmp_path / "cache"),
+        "--model.init_args.evaluator.init_args.results_file", str(results),
+        "--ckpt_path", str(ckpt)])
+    main()
+    rows = read_rows(results)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["name"] == "tiny_maskgit" and r["model"] == "MaskGIT" and r["tokenizer"] == "VQVAE"
+    assert r["num_samples"] == 40 and r["num_reference"] == 200 and r["sampling"] == {"num_steps": 2, "cfg": 2.0}
+    assert r["config_files"][-1].endswith("configs/evaluation/digits.yaml") and r["ckpt_path"] == str(ckpt)
+    assert r["fid"] > 0 and 0 <= r["precision"] <= 1 and r["sec_per_image"] > 0

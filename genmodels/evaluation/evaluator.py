@@ -140,7 +140,8 @@ class Evaluator(nn.Module):
             ~ 3 x pr_chunk_size^2 floats; 8192 -> ~0.8 GB).
         results_file: also append the results row here (``.jsonl``; a ``.csv`` beside it).
         config_files: config files to record (default: ``--config`` arguments of sys.argv).
-        name: label of the row in tables (default: stem of the last config file).
+        name: label of the row in tables (default: stem of the last config file that is not a
+            data or evaluation config, i.e. the experiment).
         export_npz: write all samples as an ADM-format ``.npz`` under ``<log_dir>/samples``.
         official: an ADM-protocol run meant to be compared with papers; warns loudly when
             ``num_samples < 50000``, the extractor is not Inception, or the reference has no
@@ -538,7 +539,7 @@ class Evaluator(nn.Module):
         device = _device_of(module)
         sampling = {**dict(getattr(module, "sample_kwargs", {}) or {}), **self.sample_kwargs}
         return {
-            "name": self.name or (Path(config_files[-1]).stem if config_files else type(gen).__name__),
+            "name": self.name or _name_from_configs(config_files) or type(gen).__name__,
             "kind": kind,
             "time": _dt.datetime.now().isoformat(timespec="seconds"),
             "model": type(gen).__name__ if gen is not None else None,
@@ -667,6 +668,15 @@ def _test_dataset(trainer: Any) -> Any:
         return None
     loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
     return getattr(loader, "dataset", None)
+
+
+def _name_from_configs(config_files: list[str]) -> str | None:
+    """Stem of the last config file that is not a data or evaluation config (the experiment)."""
+    def is_aux(f: str) -> bool:
+        p = Path(f)
+        return bool({"data", "evaluation", "eval"} & set(p.parts[:-1])) or "eval" in p.stem
+    picks = [f for f in config_files if not is_aux(f)] or config_files
+    return Path(picks[-1]).stem if picks else None
 
 
 def config_files_from_argv(argv: list[str] | None = None) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
+from genmodels.evaluation import Evaluator
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
@@ -43,7 +44,7 @@ class GeneratorModule(LightningModule):
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = None, seed: int = 0,
-                 evaluator: Any = None) -> None:
+                 evaluator: Evaluator | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
@@ -118,13 +119,19 @@ class GeneratorModule(LightningModule):
             f"samples_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png")
         return save_grid(images, path, nrow=k, scale=2)
 
+    # ------------------------------------------------------------------ evaluation (genmodels test)
+    def on_test_epoch_start(self) -> None:
+        if self.evaluator is not None:  # load / compute / cache the reference before the test batches
+            self.evaluator.begin(self)
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         if self.evaluator is None:  # without an evaluator: the test loss only
             torch.manual_seed(batch_idx)
             tokens, labels = self.tokens_and_labels(batch)
             self.log("test/loss", self.generator.forward_loss(tokens, labels)["loss"], sync_dist=True)
             return
-        self.evaluator.update_real(batch[0], batch[1])
+        if not isinstance(batch, dict):  # real images (cached-latent batches carry none); a no-op once cached
+            self.evaluator.update_real(batch[0], batch[1])
 
     def on_test_epoch_end(self) -> None:
         if self.evaluator is not None:
