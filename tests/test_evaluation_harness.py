@@ -337,3 +337,31 @@ trainer:
     assert r["num_samples"] == 40 and r["num_reference"] == 200 and r["sampling"] == {"num_steps": 2, "cfg": 2.0}
     assert r["config_files"][-1].endswith("configs/evaluation/digits.yaml") and r["ckpt_path"] == str(ckpt)
     assert r["fid"] > 0 and 0 <= r["precision"] <= 1 and r["sec_per_image"] > 0
+
+
+def test_evaluate_reconstructions_rfid(tmp_path):
+    """Tokenizer evaluation: a perfect tokenizer has rFID 0 and P = R = 1; a lossy one does worse."""
+    from genmodels.data import DigitsDataModule
+
+    class Tok(nn.Module):
+        def __init__(self, noise: float) -> None:
+            super().__init__()
+            self.noise = noise
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z + self.noise * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+
+    dm = DigitsDataModule(image_size=32)
+    scores = {}
+    for noise in (0.0, 0.5):
+        module = SimpleNamespace(tokenizer=Tok(noise), _trainer=fake_trainer(tmp_path, dm), sample_kwargs={})
+        ev = Evaluator(reference="val", batch_size=64, cache_dir=str(tmp_path / "cache"), progress=False)
+        scores[noise] = ev.evaluate_reconstructions(module)
+    print(scores)
+    assert abs(scores[0.0]["test/rfid"]) < 1e-3  # ~1e-5: eigenvalue round-off of rank-deficient covariances
+    assert scores[0.0]["test/precision"] == scores[0.0]["test/recall"] == 1.0
+    assert scores[0.5]["test/rfid"] > 10
+    assert len(read_rows(tmp_path / "logs" / "results.jsonl")) == 2
