@@ -8,7 +8,7 @@ Used by ``genmodels test`` through ``GeneratorModule``'s test hooks::
 
 and on its own (``Evaluator(...).evaluate(model)`` with any object that has
 ``sample_images(labels, generator=..., **sampling) -> images in [-1, 1]``; ``evaluate_npz``
-scores a folder-free ADM ``.npz`` of samples, e.g. an official model's).
+scores an ADM ``.npz`` of samples, e.g. from ``genmodels predict`` or an official release).
 
 Protocol
 --------
