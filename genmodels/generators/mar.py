@@ -376,7 +376,7 @@ class MAR(Generator):
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
                num_steps: int | None = None, generator: torch.Generator | None = None,
                cfg_schedule: str | None = None, num_sampling_steps: str | int | None = None,
-               orders: torch.Tensor | None = None, **unused) -> torch.Tensor:
+               orders: torch.Tensor | None = None) -> torch.Tensor:
         """Generate tokens (B, L, C) (or (B, L) ids) for ``labels`` (B,) (``num_classes`` = unconditional).
 
         ``num_steps``: autoregressive steps (``num_iter``, default ``self.num_iter``; the causal
@@ -384,10 +384,6 @@ class MAR(Generator):
         noise scale (or softmax temperature for the CE head); ``num_sampling_steps``: diffusion
         steps per token (default: the model's); ``orders`` (B, L): fixed generation orders.
         """
-        if unused:
-            unknown = sorted(k for k in unused if k not in ("top_k", "top_p"))
-            if unknown:
-                raise TypeError(f"MAR.sample got unexpected arguments {unknown}")
         schedule = cfg_schedule or self.cfg_schedule
         if schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
@@ -427,8 +423,6 @@ class MAR(Generator):
                 continue
             z_pred = torch.cat([z[:B][to_pred], z[B:][to_pred]]) if guided else z[to_pred]
             tokens[to_pred] = draw(z_pred, self._cfg_at(cfg, mask_len, schedule)).to(tokens.dtype)
-            if step >= num_iter - 1:
-                break
         return tokens
 
     def _sample_causal(self, tokens: torch.Tensor, cls: torch.Tensor, guided: bool, cfg: float, schedule: str,
