@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels.generators.base import Generator
-from genmodels.nn.adaln import modulate
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
 from genmodels.tokenizers.base import TokenSpec
 
@@ -88,9 +87,11 @@ class AdaLNSelfAttn(nn.Module):
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.drop_path(self.attn(modulate(self.ln_wo_grad(x), shift1, scale1), attn_bias, cache=cache) * gamma1)
-        x = x + self.drop_path(self.ffn(modulate(self.ln_wo_grad(x), shift2, scale2)) * gamma2)
-        return x
+        # modulate(LN(x), shift, scale) = LN(x) * (1 + scale) + shift, written with in-place ops as the official
+        h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias, cache=cache)
+        x = x + self.drop_path(h.mul_(gamma1))
+        h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
+        return x + self.drop_path(h.mul(gamma2))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -104,7 +105,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return modulate(self.ln_wo_grad(x_BLC), shift, scale)
+        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)  # modulate(LN(x), shift, scale)
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -381,11 +382,13 @@ class VAR(Generator):
             lg = logits.detach()
             out["loss_mean"] = (ce.detach().mean() if self.label_smoothing == 0 else
                                 F.cross_entropy(lg.reshape(-1, self.V), target.reshape(-1)))
-            out["acc_mean"] = (lg.argmax(-1) == target).float().mean() * 100
+            hit = lg.argmax(-1) == target
+            out["acc_mean"] = hit.float().mean() * 100
             if ed == self.L:
                 last = self.patch_nums[-1] ** 2
-                out["loss_tail"] = F.cross_entropy(lg[:, -last:].reshape(-1, self.V), target[:, -last:].reshape(-1))
-                out["acc_tail"] = (lg[:, -last:].argmax(-1) == target[:, -last:]).float().mean() * 100
+                out["loss_tail"] = (ce.detach()[:, -last:].mean() if self.label_smoothing == 0 else F.cross_entropy(
+                    lg[:, -last:].reshape(-1, self.V), target[:, -last:].reshape(-1)))
+                out["acc_tail"] = (hit[:, -last:]).float().mean() * 100
         return out
 
     # ------------------------------------------------------------------ sampling
