@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from genmodels.evaluation import Evaluator
 from genmodels.losses.gan import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
@@ -34,6 +35,8 @@ class TokenizerModule(LightningModule):
         ema_decay: EMA of the weights through Lightning's EMAWeightAveraging (None = off).
         seed: base of the per-step seeds (see ``seed_step``).
         grid_images: how many validation images go into each reconstruction grid.
+        evaluator: a ``genmodels.evaluation.Evaluator``: ``genmodels test`` then scores the
+            reconstructions (rFID, rIS, precision, recall) and writes a results row.
     """
 
     def __init__(self, tokenizer: Tokenizer, lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.9),
@@ -41,10 +44,11 @@ class TokenizerModule(LightningModule):
                  min_lr_ratio: float = 0.0, perceptual_weight: float = 0.0, perceptual_weights: str | None = None,
                  disc_weight: float = 0.0, disc_start: int = 0, disc_adaptive: bool = True, disc_ndf: int = 64,
                  disc_layers: int = 3, disc_lr: float | None = None, ema_decay: float | None = None, seed: int = 0,
-                 grid_images: int = 16) -> None:
+                 grid_images: int = 16, evaluator: Evaluator | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "evaluator"])
         self.tokenizer = tokenizer
+        self.evaluator = evaluator
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
         self.perceptual = None
         if perceptual_weight > 0:
@@ -130,6 +134,10 @@ class TokenizerModule(LightningModule):
         out = self._losses(batch[0])
         self._log("test", out, sync_dist=True)
         self.log("test/loss", out["loss"].detach(), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        if self.evaluator is not None:  # reconstruction FID / IS / precision / recall + a results row
+            self.log_dict(self.evaluator.evaluate_reconstructions(self), sync_dist=False)
 
     def grid_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
