@@ -273,3 +273,20 @@ def test_paper_configs_have_official_parameter_counts(name):
     with torch.device("meta"):
         model = instantiate(gen_cfg)
     assert sum(p.numel() for p in model.parameters()) == PAPER[name]
+
+
+def test_generator_module_binds_and_samples(vae):
+    """The training loop's GeneratorModule binds the frozen tokenizer and decodes VAR's tokens."""
+    from genmodels.training import GeneratorModule
+
+    var = VAR(vocab_size=64, Cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10, depth=1, embed_dim=32, num_heads=2)
+    module = GeneratorModule(generator=var, tokenizer=vae, ema_decay=None, sample_kwargs={"cfg": 1.5, "top_k": 4})
+    assert var.tokenizer is module.tokenizer
+    assert not any(k.startswith("generator._tokenizer") for k in module.state_dict())
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    tokens, labels = module.tokens_and_labels((images, torch.tensor([1, 2, 3])))
+    out = module.generator.forward_loss(tokens, labels)
+    out["loss"].backward()
+    assert var.word_embed.weight.grad is not None and vae.quantize.embedding.weight.grad is None
+    samples = module.sample_images(torch.tensor([0, 5]), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 3, 8, 8) and samples.min() >= -1 and samples.max() <= 1
