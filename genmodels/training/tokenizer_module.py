@@ -7,6 +7,7 @@ optimisers, generator step then discriminator step per batch).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ class TokenizerModule(LightningModule):
             self.manual_backward(d_loss)
             opt_d.step()
             out["d_loss"] = d_loss
-        sch_d.step()
+        with warnings.catch_warnings():  # the D schedule follows the batch index, also before disc_start
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            sch_d.step()
         self._log("train", out)
         self.log("train/loss", loss.detach(), prog_bar=True)
         return None
