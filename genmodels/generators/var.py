@@ -6,7 +6,7 @@ Prediction", NeurIPS 2024; official code FoundationVision/VAR (``models/var.py``
 
 An image is a pyramid of K token maps r_1..r_K (``patch_nums``, e.g. 1,2,3,...,16 per
 side) from the multi-scale residual VQ-VAE (``genmodels.tokenizers.multiscale_vq``).
-VAR factorises p(r_1, ..., r_K) = prod_k p(r_k | r_<k, class) (paper eq. 2): all
+VAR factorises p(r_1, ..., r_K) = prod_k p(r_k | r_<k, class) (paper Sec. 3.2): all
 tokens of scale k are predicted in parallel from the coarser scales. The transformer
 sees, for scale k > 1, the accumulated reconstruction f_hat of scales < k,
 area-downsampled to scale k's size (the quantizer's ``idxBl_to_var_input``); scale 1
@@ -20,6 +20,12 @@ Parameter names follow the official checkpoint except ``attn.qkv`` (official
 ``attn.mat_qkv``) and ``attn.scale_mul`` (official ``attn.scale_mul_1H11``);
 ``genmodels.checkpoints.var`` maps them. The official buffers ``lvl_1L``,
 ``attn_bias_for_masking`` and ``zero_k_bias`` are recomputed (not saved).
+
+VAR needs the multi-scale quantizer at run time (teacher-forcing inputs, next-scale
+inputs while sampling) but does not own it: ``bind_tokenizer`` keeps an unregistered
+reference (like the official ``vae_proxy`` tuple), so the VQ-VAE's weights are not in
+VAR's state dict and ``VAR.to(device)`` does not move it (``GeneratorModule`` holds the
+tokenizer as its own submodule and binds it).
 
 Deliberate difference from the official code: label dropout (``cond_drop_rate``) only
 in training mode -- the official ``forward`` also drops labels in eval mode, so its
