@@ -53,7 +53,6 @@ def load_case(name: str, vae=None):
 
 @pytest.fixture(scope="module")
 def vae():
-    pytest.importorskip("genmodels.tokenizers.multiscale_vq")  # lands with the VQ-VAE helper's work
     return load_vae()
 
 
