@@ -39,6 +39,24 @@ class Generator(ConfigMixin, nn.Module):
     def nll(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
 
+    def check_inputs(self, tokens: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem if ``labels`` (B,) in [0, num_classes] or
+        ``tokens`` (this generator's spec; ids in [0, vocab_size)) are malformed."""
+        if labels.ndim != 1 or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be int64 of shape (B,), got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if tokens is None:
+            return
+        self.spec.check(tokens)
+        if tokens.shape[0] != labels.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} token rows but {labels.shape[0]} labels")
+        vocab = self.spec.vocab_size
+        if self.spec.kind == "discrete" and tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}) (vocab_size), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
     def check_spec(self, spec: TokenSpec) -> None:
         """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
         is not what this generator was built for."""

@@ -135,26 +135,12 @@ class CausalAR(Generator):
         logits[:, i] predict tokens[:, i] from the class and tokens[:, :i]."""
         return self._transformer(self._inputs(labels, tokens[:, :-1]))
 
-    def _check_inputs(self, tokens: torch.Tensor | None, labels: torch.Tensor) -> None:
-        if labels.ndim != 1 or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be int64 of shape (B,), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        if tokens is not None:
-            self.spec.check(tokens)
-            if tokens.shape[0] != labels.shape[0]:
-                raise ValueError(f"{tokens.shape[0]} token rows but {labels.shape[0]} labels")
-            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (vocab_size), got "
-                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
-
     # ------------------------------------------------------------------ likelihood
     def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy averaged over all B*N tokens (nats) -> ``loss``; also
         ``acc`` (top-1 accuracy) and ``bpt`` (loss in bits per token)."""
-        self._check_inputs(tokens, labels)
+        self.check_inputs(tokens, labels)
         tokens, labels = tokens.long(), labels.long()
         if self.training and self.class_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
@@ -171,7 +157,7 @@ class CausalAR(Generator):
         -log2 p(x | c) / N for each sample -> (B,). (The contract's "bits per dimension" with
         one token as the dimension; for bits per pixel multiply by N / (3 H W).) Uses the
         labels as given (no class dropout); call in eval mode (dropout off)."""
-        self._check_inputs(tokens, labels)
+        self.check_inputs(tokens, labels)
         logits = self(tokens.long(), labels.long()).float()
         ce = F.cross_entropy(logits.transpose(1, 2), tokens.long(), reduction="none")
         return ce.mean(dim=1) / math.log(2)
@@ -204,7 +190,7 @@ class CausalAR(Generator):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         labels = labels.long()
-        self._check_inputs(None, labels)
+        self.check_inputs(None, labels)
         device = labels.device
         if generator is None:
             generator = torch.Generator(device=device)

@@ -200,20 +200,6 @@ class MaskGIT(Generator):
             x = blk(x)
         return self.lm_head(x[:, 1:])
 
-    def _check_inputs(self, tokens: torch.Tensor | None, labels: torch.Tensor) -> None:
-        if labels.ndim != 1 or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be int64 of shape (B,), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        if tokens is not None:
-            self.spec.check(tokens)
-            if tokens.shape[0] != labels.shape[0]:
-                raise ValueError(f"{tokens.shape[0]} token rows but {labels.shape[0]} labels")
-            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (vocab_size), got "
-                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
-
     # ------------------------------------------------------------------ training
     def mask_tokens(self, tokens: torch.Tensor, generator: torch.Generator | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +218,7 @@ class MaskGIT(Generator):
 
         Returns ``loss`` (weighted label-smoothed CE), ``acc`` (accuracy on masked tokens)
         and ``mask_ratio`` (mean fraction masked)."""
-        self._check_inputs(tokens, labels)
+        self.check_inputs(tokens, labels)
         tokens, labels = tokens.long(), labels.long()
         masked, mask = self.mask_tokens(tokens, generator)
         if self.training and self.class_dropout > 0:
@@ -321,7 +307,7 @@ class MaskGIT(Generator):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         labels = labels.long()
-        self._check_inputs(None, labels)
+        self.check_inputs(None, labels)
         device = labels.device
         if generator is None:
             generator = torch.Generator(device=device)
