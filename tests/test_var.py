@@ -217,6 +217,8 @@ def test_progressive_training_schedule(vae):
     model = VAR(vocab_size=64, Cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10, depth=1, embed_dim=32,
                 num_heads=2, pg=0.5, pg0=1, pgwp=0.1)
     model.bind_tokenizer(vae)
+    with pytest.raises(RuntimeError, match="set_train_progress"):
+        model.forward_loss(torch.randint(0, 64, (2, 30)), torch.tensor([1, 2]))
     stages = []
     for step in range(0, 100, 5):
         model.set_train_progress(step, total_steps=100, warmup_steps=10)

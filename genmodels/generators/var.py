@@ -187,6 +187,7 @@ class VAR(Generator):
         self.cond_drop_rate, self.label_smoothing = cond_drop_rate, label_smoothing
         self.pg, self.pg0, self.pgwp = pg, pg0, pgwp
         self.prog_si, self.prog_wp = -1, 1.0  # progressive stage (-1: all scales) and its loss warm-up
+        self._progress_set = False
         self.spec = TokenSpec("discrete", tuple((p, p) for p in self.patch_nums), vocab_size=vocab_size)
         self.L = sum(p * p for p in self.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
@@ -334,6 +335,7 @@ class VAR(Generator):
         ``pg * total_steps``; the newest scale's loss weight ramps over ``pgwp * total_steps``
         steps from its stage's first step (floor 0.01), except in the first stage. Stateless
         in ``step``, so resumed runs follow the same schedule. No-op when ``pg == 0``."""
+        self._progress_set = True
         if not self.pg:
             self.prog_si, self.prog_wp = -1, 1.0
             return
@@ -368,6 +370,9 @@ class VAR(Generator):
         label smoothing) and ``acc_mean`` / ``acc_tail`` (%).
         """
         self.spec.check(tokens)
+        if self.pg and self.training and not self._progress_set:
+            raise RuntimeError("VAR(pg > 0): progressive training needs generator.set_train_progress(step, "
+                               "total_steps, warmup_steps) before each training step")
         B = tokens.shape[0]
         idx_Bl = list(tokens.split(self.spec.scale_lens, dim=1))
         with torch.no_grad():
