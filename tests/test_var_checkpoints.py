@@ -14,6 +14,15 @@ from genmodels.generators.var import VAR
 FIX = Path(__file__).parent / "fixtures" / "var"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: one thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_official_sd(depth: int, **kw) -> dict[str, torch.Tensor]:
     """An official-layout state dict of a small VAR built as build_vae_var(depth) would."""
     args = dict(vocab_size=32, Cvae=4, patch_nums=(1, 2, 3), num_classes=5, depth=depth, **kw)
