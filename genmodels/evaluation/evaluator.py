@@ -56,6 +56,7 @@ from genmodels.evaluation.metrics import feature_statistics, frechet_distance, i
 from genmodels.evaluation.reference import Reference, cache_name, default_cache_dir, nhwc_uint8_to_images, \
     read_adm_npz, write_adm_npz
 from genmodels.evaluation.results import append_results_row
+from genmodels.utils.paths import run_dir
 
 ADM_NUM_SAMPLES = 50_000
 
@@ -569,9 +570,8 @@ class Evaluator(nn.Module):
     def write_row(self, row: dict[str, Any], module: Any = None) -> list[Path]:
         paths = []
         trainer = _trainer_of(module)
-        log_dir = getattr(trainer, "log_dir", None) if trainer is not None else None
-        if log_dir:
-            paths.append(Path(log_dir) / "results.jsonl")
+        if trainer is not None:
+            paths.append(run_dir(trainer) / "results.jsonl")
         if self.results_file:
             paths.append(Path(self.results_file))
         for p in paths:
@@ -582,7 +582,7 @@ class Evaluator(nn.Module):
         """All samples as one ADM ``.npz`` (rank shards merged by rank 0, in sample order)."""
         rank, world = _dist()
         trainer = _trainer_of(module)
-        folder = Path(getattr(trainer, "log_dir", None) or ".") / "samples"
+        folder = run_dir(trainer) / "samples"
         idx = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         imgs = np.concatenate([p[1] for p in parts]) if parts else None
         labels = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)

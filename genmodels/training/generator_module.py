@@ -23,6 +23,7 @@ from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
 from genmodels.training.common import lr_lambda, param_groups, seed_step
 from genmodels.utils.images import save_grid, save_pngs, to_uint8
+from genmodels.utils.paths import run_dir
 
 
 class GeneratorModule(LightningModule):
@@ -115,7 +116,7 @@ class GeneratorModule(LightningModule):
         k = self.hparams.grid_per_class
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(k)
         images = self.sample_images(labels, generator=self._seeded(0))
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples" / (
+        path = run_dir(self.trainer) / "samples" / (
             f"samples_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png")
         return save_grid(images, path, nrow=k, scale=2)
 
@@ -175,7 +176,7 @@ class PredictionWriter(BasePredictionWriter):
         self._labels: list[np.ndarray] = []
 
     def _dir(self, trainer: Any) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+        return run_dir(trainer) / "predictions"
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         self._images, self._labels = [], []

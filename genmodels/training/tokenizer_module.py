@@ -21,6 +21,7 @@ from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
 from genmodels.training.common import lr_lambda, param_groups, seed_step
 from genmodels.utils.images import save_grid
+from genmodels.utils.paths import run_dir
 
 
 class TokenizerModule(LightningModule):
@@ -143,7 +144,7 @@ class TokenizerModule(LightningModule):
             self.log_dict(self.evaluator.evaluate_reconstructions(self), sync_dist=False)
 
     def grid_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        return run_dir(self.trainer) / "samples"
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
