@@ -140,7 +140,7 @@ class GaussianDiffusion:
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.num_timesteps = len(betas)
-        self.timestep_map = torch.tensor(timestep_map, dtype=torch.int64)
+        self.timestep_map = torch.tensor(timestep_map, dtype=torch.int64, device="cpu")  # also under a meta default device
         ac = np.cumprod(1.0 - betas)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)

@@ -18,4 +18,7 @@ def run_dir(trainer: Any) -> Path:
     if loggers:
         log_dir = getattr(loggers[0], "log_dir", None)
         return Path(log_dir if log_dir is not None else loggers[0].save_dir)
-    return Path(trainer.default_root_dir)
+    if hasattr(trainer, "strategy"):  # a Lightning Trainer without a logger
+        return Path(trainer.default_root_dir)
+    # a stand-in object (tests, scripts): its own log_dir / default_root_dir
+    return Path(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or ".")
