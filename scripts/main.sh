@@ -10,5 +10,5 @@ start=$(date +%s)
 "$G" fit -c $D -c configs/generators/maskgit_digits.yaml -c configs/experiments/digits_maskgit.yaml
 "$G" predict -c $D -c configs/generators/maskgit_digits.yaml -c configs/experiments/digits_maskgit.yaml \
     --ckpt_path outputs/digits_maskgit/checkpoints/last.ckpt
-grid=$(ls -t outputs/digits_maskgit/lightning_logs/version_*/samples/*.png | head -1)
-echo "main job done in $(( $(date +%s) - start )) s; latest sample grid (rows = classes 0..9): $grid"
+grid=$(ls -t outputs/digits_maskgit/lightning_logs/version_*/predictions/grid.png | head -1)
+echo "main job done in $(( $(date +%s) - start )) s; sample grid (a row per class 0..9): $grid"

@@ -193,5 +193,11 @@ class PredictionWriter(BasePredictionWriter):
         arr = np.concatenate(self._images)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = self._dir(trainer) / f"samples_{'x'.join(map(str, arr.shape))}{suffix}.npz"
-        np.savez(path, arr_0=arr, arr_1=np.concatenate(self._labels))
-        print(f"genmodels predict: wrote {len(arr)} samples to {path.parent}")
+        labels = np.concatenate(self._labels)
+        np.savez(path, arr_0=arr, arr_1=labels)
+        # one grid, a row per class (first 10 samples of each), for a quick look
+        order = np.concatenate([np.flatnonzero(labels == c)[:10] for c in np.unique(labels)])
+        grid = torch.from_numpy(arr[order]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        per_row = int(min(10, np.bincount(labels).max()))
+        save_grid(grid, path.parent / f"grid{suffix}.png", nrow=per_row, scale=2)
+        print(f"genmodels predict: wrote {len(arr)} samples to {path.parent} (grid{suffix}.png: a row per class)")
