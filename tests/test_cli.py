@@ -110,6 +110,7 @@ def test_generator_fit_resume_is_exact_and_predict_writes(tmp_path, tokenizer_ck
     assert arr["arr_0"].shape == (20, 16, 16, 3) and arr["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(arr["arr_1"], np.arange(20) % 10)
     assert len(list(out.glob("lightning_logs/*/predictions/png/*_class*.png"))) == 20
+    assert len(list(out.glob("lightning_logs/*/predictions/grid.png"))) == 1
 
 
 def test_gan_path_uses_two_optimisers(tmp_path):
