@@ -51,8 +51,7 @@ def main() -> None:
 
     module = None
     if args.ckpt is not None:
-        from genmodels.training import GeneratorModule
-        module = GeneratorModule.load_from_checkpoint(str(args.ckpt), map_location="cpu").eval()
+        module = load_generator_module(args.ckpt)
         model = module.generator
     else:
         from genmodels.generators.mar import MAR
@@ -93,6 +92,24 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def load_generator_module(path: Path):
+    """A GeneratorModule rebuilt from a ``genmodels fit`` checkpoint (the generator and tokenizer
+    configs it records under ``genmodels``; the weights it holds -- the EMA ones when EMA was on)."""
+    from genmodels.checkpoints.common import load_strict, read_checkpoint
+    from genmodels.training import GeneratorModule
+    from genmodels.utils.config import instantiate
+
+    ckpt = read_checkpoint(path)
+    if "genmodels" not in ckpt or "generator" not in ckpt["genmodels"]:
+        raise ValueError(f"{path} is not a genmodels generator checkpoint (no 'genmodels.generator' entry)")
+    gen, tok = instantiate(ckpt["genmodels"]["generator"]), instantiate(ckpt["genmodels"]["tokenizer"])
+    for prefix, mod in (("generator.", gen), ("tokenizer.", tok)):
+        load_strict(mod, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)},
+                    what=f"{prefix[:-1]} of {path}")
+    hp = ckpt.get("hyper_parameters", {})
+    return GeneratorModule(gen, tokenizer=tok, sample_kwargs=hp.get("sample_kwargs")).eval()
 
 
 def _evaluate(ev, module, datamodule) -> dict[str, float]:

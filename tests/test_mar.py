@@ -245,3 +245,17 @@ def test_bad_inputs_are_named():
         m.forward_loss(torch.randn(2, 16, 4), torch.tensor([0, 1]), mask=mask)
     with pytest.raises(ValueError, match="needs order='raster'"):
         MAR(**{**TINY, "attention": "causal"})
+
+
+def test_diffloss_noise_schedule_knob():
+    """cosine (official) vs DDPM linear: the first reverse step's eps-error amplification
+    coef1(999) * sqrt(1/alpha_bar - 1) at 50 sampling steps is ~650 vs ~1."""
+    amps = {}
+    for schedule in ("cosine", "linear"):
+        m = MAR(**{**TINY, "diffloss_noise_schedule": schedule, "num_sampling_steps": "50"})
+        d = m.diffloss.gen_diffusion
+        i = d.num_timesteps - 1
+        amps[schedule] = d._at("posterior_mean_coef1", i) * d._at("sqrt_recipm1_alphas_cumprod", i)
+    assert amps["cosine"] > 300 and amps["linear"] < 2
+    with pytest.raises(ValueError, match="noise_schedule"):
+        MAR(**{**TINY, "diffloss_noise_schedule": "sigmoid"})

@@ -89,6 +89,11 @@ class MAR(Generator):
             paper's speed setting, 256 for its best FID). Ignored by the causal variant,
             which always takes L steps.
         cfg_schedule: ``linear`` (official default) or ``constant``.
+        diffloss_noise_schedule: the DiffLoss noise schedule, ``cosine`` (official) or
+            ``linear`` (DDPM). With ``cosine`` (beta clipped at 0.999, alpha_bar(999) ~ 2e-9)
+            the first reverse step multiplies the eps error at t = 999 by ~300-650 (100 / 50
+            sampling steps): a denoiser trained briefly (small CPU runs) then samples exploding
+            tokens; ``linear`` amplifies it ~1x. Paper configs keep ``cosine``.
     """
 
     def __init__(self, token_shape: Sequence[int] = (16, 16), token_channels: int | None = 16,
@@ -99,7 +104,8 @@ class MAR(Generator):
                  attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
                  diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str | int = "100",
                  diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, order: str = "random",
-                 attention: str = "bidirectional", num_iter: int = 64, cfg_schedule: str = "linear") -> None:
+                 attention: str = "bidirectional", num_iter: int = 64, cfg_schedule: str = "linear",
+                 diffloss_noise_schedule: str = "cosine") -> None:
         super().__init__()
         token_shape = tuple(int(s) for s in token_shape)
         if order not in ORDERS:
@@ -158,7 +164,8 @@ class MAR(Generator):
         # the DiffLoss MLP initialises itself (zero adaLN / output layers)
         self.diffloss = None if self.discrete else DiffLoss(
             target_channels=self.token_embed_dim, z_channels=Dd, depth=diffloss_d, width=diffloss_w,
-            num_sampling_steps=num_sampling_steps, grad_checkpointing=grad_checkpointing)
+            num_sampling_steps=num_sampling_steps, grad_checkpointing=grad_checkpointing,
+            noise_schedule=diffloss_noise_schedule)
 
     def initialize_weights(self) -> None:
         """Official ``initialize_weights``: N(0, 0.02) embeddings / tokens, xavier-uniform
