@@ -81,7 +81,7 @@ def test_tokenizer_fit_lowers_reconstruction_error(tokenizer_ckpt):
     assert not any(p.requires_grad for p in tok.parameters())
 
 
-def test_generator_fit_resume_is_exact_and_predict_writes(tmp_path, tokenizer_ckpt):
+def test_generator_fit_resume_is_exact_and_predict_writes(tmp_path, tokenizer_ckpt, capsys):
     gen = {"model": {**GENERATOR["model"], "init_args": {**GENERATOR["model"]["init_args"],
                                                          "tokenizer_ckpt": str(tokenizer_ckpt)}}}
     full = tmp_path / "full"
@@ -111,6 +111,19 @@ def test_generator_fit_resume_is_exact_and_predict_writes(tmp_path, tokenizer_ck
     np.testing.assert_array_equal(arr["arr_1"], np.arange(20) % 10)
     assert len(list(out.glob("lightning_logs/*/predictions/png/*_class*.png"))) == 20
     assert len(list(out.glob("lightning_logs/*/predictions/grid.png"))) == 1
+
+    # a sampling knob given on the command line wins over the checkpoint's hyper-parameters
+    # (Lightning's CLI would silently put the checkpoint's cfg back), and the user is told
+    out2 = tmp_path / "pred_cfg1"
+    capsys.readouterr()
+    main(["predict", "-c", str(cfg), "--trainer.default_root_dir", str(out2),
+          "--trainer.logger.init_args.save_dir", str(out2), "--ckpt_path", str(final),
+          "--model.init_args.sample_kwargs.num_steps=1"])
+    assert "sample_kwargs.num_steps: 4 (checkpoint) -> 1 (config)" in capsys.readouterr().err
+    used = yaml.safe_load(next(out2.glob("lightning_logs/*/config.yaml")).read_text())
+    assert used["model"]["init_args"]["sample_kwargs"] == {"num_steps": 1, "cfg": 2.0}
+    arr2 = np.load(next(out2.glob("lightning_logs/*/predictions/samples_*.npz")))
+    assert not np.array_equal(arr2["arr_0"], arr["arr_0"])
 
 
 def test_gan_path_uses_two_optimisers(tmp_path):

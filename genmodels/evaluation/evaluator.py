@@ -152,8 +152,9 @@ class Evaluator(nn.Module):
         progress: print progress lines on rank 0.
     """
 
-    def __init__(self, feature_extractor: str = "digits-classifier", feature_extractor_kwargs: dict | None = None,
-                 num_samples: int = 1000, batch_size: int = 100, sample_kwargs: dict | None = None, seed: int = 0,
+    def __init__(self, feature_extractor: str = "digits-classifier",
+                 feature_extractor_kwargs: dict[str, Any] | None = None, num_samples: int = 1000,
+                 batch_size: int = 100, sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  reference: str = "train", num_reference: int | None = None, cache_dir: str | None = None,
                  nhood_size: int = 3, is_splits: int = 10, pr_chunk_size: int = 8192,
                  results_file: str | None = None, config_files: list[str] | None = None, name: str | None = None,

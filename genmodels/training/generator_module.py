@@ -43,7 +43,7 @@ class GeneratorModule(LightningModule):
     def __init__(self, generator: Generator, tokenizer_ckpt: str | None = None, tokenizer: Tokenizer | None = None,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
-                 ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict | None = None,
+                 ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = None, seed: int = 0,
                  evaluator: Evaluator | None = None) -> None:
         super().__init__()
