@@ -2,7 +2,6 @@
 (fixtures recorded by scripts/record_fixtures/mar.py), schedule facts, behaviour."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,25 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from genmodels.losses.diffusion import DiffLoss, create_diffusion, space_timesteps
+from helpers import mar_fixture_weights
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is much faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _weights():
-    spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +27,7 @@ def rec():
 @pytest.fixture(scope="module")
 def dl(rec):
     m = DiffLoss(target_channels=4, z_channels=8, depth=2, width=32, num_sampling_steps="10").eval()
-    checksum = _weights().perturb_(m, seed=1)
+    checksum = mar_fixture_weights().perturb_(m, seed=1)
     assert checksum == pytest.approx(rec["checksum"].item(), rel=1e-12), "weights differ from the recording"
     return m
 

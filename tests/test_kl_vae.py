@@ -2,7 +2,6 @@
 LTH14/mar's AutoencoderKL on perturbed weights, token layout, training behaviour."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,26 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from genmodels.tokenizers.kl_vae import KLVAE
+from helpers import mar_fixture_weights
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
 SMALL = dict(embed_dim=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=16, attn_resolutions=(4,),
              decoder_attn_resolutions=())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is much faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _weights():
-    spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kl16_size_and_keys():
@@ -47,7 +34,7 @@ def test_kl16_size_and_keys():
 def test_posterior_and_decode_match_official():
     rec = load_file(str(FIX / "kl_vae.safetensors"))
     vae = KLVAE(**SMALL).eval()
-    checksum = _weights().perturb_(vae, seed=3)
+    checksum = mar_fixture_weights().perturb_(vae, seed=3)
     assert checksum == pytest.approx(rec["checksum"].item(), rel=1e-12), "weights differ from the recording"
     with torch.no_grad():
         post = vae.encode_posterior(rec["images"])

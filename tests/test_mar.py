@@ -2,7 +2,6 @@
 (fixtures from scripts/record_fixtures/mar.py), official sizes, the paper's variants."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from genmodels.generators.mar import MAR, truncnorm_mask_ratio
+from helpers import mar_fixture_weights
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
 TOL = 1e-5
@@ -23,20 +23,7 @@ TINY = dict(token_shape=(4, 4), token_channels=4, num_classes=3, encoder_embed_d
             diffloss_d=1, diffloss_w=32, num_sampling_steps="4", attn_dropout=0.0, proj_dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is much faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _weights():
-    spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m) -> int:
@@ -51,7 +38,7 @@ def rec():
 @pytest.fixture(scope="module")
 def model(rec):
     m = MAR(**SMALL).eval()
-    checksum = _weights().perturb_(m, seed=2)
+    checksum = mar_fixture_weights().perturb_(m, seed=2)
     assert checksum == pytest.approx(rec["checksum"].item(), rel=1e-12), "weights differ from the recording"
     return m
 
@@ -193,7 +180,7 @@ def test_causal_variant_cached_decoding_equals_teacher_forcing():
     torch.manual_seed(0)
     m = MAR(**{**TINY, "order": "raster", "attention": "causal"}).eval()
     assert m.mask_token is None
-    _weights().perturb_(m, seed=5)
+    mar_fixture_weights().perturb_(m, seed=5)
     tokens, labels = torch.randn(2, 16, 4), torch.tensor([0, 2])
     with torch.no_grad():
         cls = m.class_embedding(labels)

@@ -4,7 +4,6 @@ MAR#68), files that are not checkpoints."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from genmodels.checkpoints import CheckpointMismatchError, from_official
 from genmodels.generators.mar import MAR
 from genmodels.tokenizers.kl_vae import KLVAE
+from helpers import mar_fixture_weights
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
 OFFICIAL_SMALL = dict(img_size=16, vae_stride=2, patch_size=2, vae_embed_dim=4, encoder_embed_dim=32,
@@ -22,18 +22,11 @@ OFFICIAL_SMALL = dict(img_size=16, vae_stride=2, patch_size=2, vae_embed_dim=4, 
                       num_sampling_steps="5", diffusion_batch_mul=2)
 
 
-def _weights():
-    spec = importlib.util.spec_from_file_location("mar_fixture_weights", FIX / "weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _official_small_state(seed: int) -> dict[str, torch.Tensor]:
     m = MAR(token_shape=(4, 4), token_channels=16, num_classes=10, encoder_embed_dim=32, encoder_depth=2,
             encoder_num_heads=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, buffer_size=4,
             diffloss_d=2, diffloss_w=32)
-    return _weights().perturbed_state_dict({k: tuple(v.shape) for k, v in m.state_dict().items()}, seed)
+    return mar_fixture_weights().perturbed_state_dict({k: tuple(v.shape) for k, v in m.state_dict().items()}, seed)
 
 
 def test_training_checkpoint_with_args_loads_ema_and_matches_official(tmp_path):
@@ -100,7 +93,7 @@ def test_kl16_checkpoint_and_parity(tmp_path):
     rec = load_file(str(FIX / "kl_vae.safetensors"))
     small = dict(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, resolution=16, attn_resolutions=(4,))
     shapes = {k: tuple(v.shape) for k, v in KLVAE(**small).state_dict().items()}
-    sd = _weights().perturbed_state_dict(shapes, seed=3)
+    sd = mar_fixture_weights().perturbed_state_dict(shapes, seed=3)
     path = tmp_path / "kl16.ckpt"
     torch.save({"model": {**sd, "loss.logvar": torch.zeros(())}}, path)  # LDM files carry loss.*
     vae = from_official("mar-kl", str(path), **small)

@@ -16,12 +16,7 @@ VAE = dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, 
            scale_factor=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from genmodels.generators.var import VAR
 FIX = Path(__file__).parent / "fixtures" / "var"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_official_sd(depth: int, **kw) -> dict[str, torch.Tensor]:
