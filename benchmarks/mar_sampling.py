@@ -19,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _evaluate(ev, module, datamodule) -> dict[str, float]:
     """Run the harness outside a Trainer: a stand-in trainer gives it the data module (the
     reference features of the digits train split, cached by the harness)."""
     class _Trainer:
-        log_dir = None
+        log_dir = tempfile.mkdtemp(prefix="mar_sampling_")  # the harness's per-run row goes here, not to cwd
         ckpt_path = None
 
     trainer = _Trainer()
