@@ -88,7 +88,8 @@ def main() -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     meta = {"ckpt": str(args.ckpt) if args.ckpt else None, "params": sum(p.numel() for p in model.parameters()),
-            "causal": causal, "batch": args.batch, "cfg": args.cfg, "threads": args.threads,
+            "causal": causal, "batch": args.batch, "cfg": args.cfg, "temperature": args.temperature,
+            "fid_samples": args.fid, "threads": args.threads,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
