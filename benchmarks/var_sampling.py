@@ -45,19 +45,22 @@ from genmodels.tokenizers.multiscale_vq import MultiScaleVectorQuantizer, VQVAE
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
+CLOCK = time.perf_counter  # --clock process: CPU time of this process (robust on a shared machine)
+
+
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time (s) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    """Median time (s, ``CLOCK``) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
 
 
@@ -74,6 +77,18 @@ def make_var(patch_nums, depth: int, width: int, heads: int, vocab: int, cvae: i
     quant = MultiScaleVectorQuantizer(vocab, cvae, patch_nums).to(device).eval()
     var.bind_tokenizer(quant)
     return var
+
+
+def interleaved(fn_a, fn_b, runs: int) -> tuple[float, float]:
+    """Median times of ``fn_a`` and ``fn_b`` over ``runs`` interleaved runs (after one warm-up
+    each), alternating which goes first: the machine's drift and any cost one call leaves
+    for the next fall on both sides equally."""
+    t_a, t_b = [], []
+    for i in range(runs + 1):
+        pair = ((fn_a, t_a), (fn_b, t_b)) if i % 2 == 0 else ((fn_b, t_b), (fn_a, t_a))
+        for fn, ts in pair:
+            ts.append(timeit(fn, 1, warmup=0))
+    return statistics.median(t_a[1:]), statistics.median(t_b[1:])
 
 
 def bench_kv_cache(args, device) -> dict:
@@ -171,6 +186,7 @@ def bench_official(args, device) -> dict:
     ovar.eval(), var.eval()
     captured = {}
 
+    @torch.no_grad()
     def ours_sample():
         toks, f_hat = var.autoregressive_infer_cfg(labels, generator=torch.Generator(device).manual_seed(0), **skw)
         captured["ours"] = (toks, vae.fhat_to_img(f_hat))
@@ -178,20 +194,13 @@ def bench_official(args, device) -> dict:
     def official_sample():
         captured["official"] = ovar.autoregressive_infer_cfg(B, labels, g_seed=0, **skw)
 
-    # interleave the two to share the machine's noise
-    t_off, t_ours = [], []
-    for _ in range(args.repeats + 1):
-        t_off.append(timeit(official_sample, 1, warmup=0))
-        t_ours.append(timeit(ours_sample, 1, warmup=0))
-    res["sample_official_s"], res["sample_ours_s"] = statistics.median(t_off[1:]), statistics.median(t_ours[1:])
+    res["sample_official_s"], res["sample_ours_s"] = interleaved(official_sample, ours_sample, args.repeats)
     res["sample_same_images"] = bool(((captured["ours"][1] + 1) / 2 - captured["official"]).abs().max() < 1e-4)
     # the VQ-VAE decode alone (part of both sampling times)
     f_hat = torch.randn(B, 32, pn[-1], pn[-1], generator=torch.Generator().manual_seed(0)).to(device)
-    t_off, t_ours = [], []
-    for _ in range(args.repeats + 1):
-        t_off.append(timeit(lambda: ovae.fhat_to_img(f_hat), 1, warmup=0))
-        t_ours.append(timeit(lambda: vae.fhat_to_img(f_hat), 1, warmup=0))
-    res["decode_official_s"], res["decode_ours_s"] = statistics.median(t_off[1:]), statistics.median(t_ours[1:])
+    with torch.no_grad():
+        res["decode_official_s"], res["decode_ours_s"] = interleaved(lambda: ovae.fhat_to_img(f_hat),
+                                                                     lambda: vae.fhat_to_img(f_hat), args.repeats)
     res["sample_wo_decode_official_s"] = res["sample_official_s"] - res["decode_official_s"]
     res["sample_wo_decode_ours_s"] = res["sample_ours_s"] - res["decode_ours_s"]
 
@@ -212,11 +221,7 @@ def bench_official(args, device) -> dict:
         var.forward_loss(tokens, labels)["loss"].backward()
         var.zero_grad(set_to_none=True)
 
-    t_off, t_ours = [], []
-    for _ in range(args.repeats + 1):
-        t_off.append(timeit(official_step, 1, warmup=0))
-        t_ours.append(timeit(ours_step, 1, warmup=0))
-    res["train_official_s"], res["train_ours_s"] = statistics.median(t_off[1:]), statistics.median(t_ours[1:])
+    res["train_official_s"], res["train_ours_s"] = interleaved(official_step, ours_step, args.repeats)
     res["sample_ratio_official_over_ours"] = res["sample_official_s"] / res["sample_ours_s"]
     res["train_ratio_official_over_ours"] = res["train_official_s"] / res["train_ours_s"]
     res["sample_wo_decode_ratio_official_over_ours"] = (res["sample_wo_decode_official_s"]
@@ -241,11 +246,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="wall time, or this process's CPU time (use with --threads 1 on a busy machine)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"machine": dict(platform=platform.platform(), processor=platform.processor(), threads=args.threads,
-                               device=str(device), torch=torch.__version__)}
+                               device=str(device), torch=torch.__version__, clock=args.clock)}
     with torch.no_grad():
         if "kv_cache" in args.only:
             results["kv_cache"] = bench_kv_cache(args, device)
