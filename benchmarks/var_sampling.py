@@ -8,10 +8,11 @@ Three measurements, each printed as a table and written to ``--out`` (JSON):
    token; with and without KV cache) on models of the same width / depth / vocabulary.
    The paper (Sec. 3.1 / App.) argues O(n^4) for VAR against O(n^6) for raster AR
    (attention recomputed at each of the n^2 steps); the fitted log-log slopes of time
-   against n are reported. On a CPU, time is bound by arithmetic, not by the number of
+   against n are reported. On a CPU, time is mostly arithmetic, not the number of
    sequential steps: VAR runs sum(pn^2) ~ 2.7 n^2 token positions (all scales) against n^2
-   for a KV-cached raster AR, so at small n it is not faster there; its 10-vs-n^2 step
-   advantage shows where each step is latency-bound (GPU).
+   for a KV-cached raster AR, yet it was still 1.4-1.8x faster at n = 8..24 on an idle
+   2-core CPU (results/var_speed_cpu.json); its 10-vs-n^2 step advantage grows where each
+   step is latency-bound (GPU).
 3. ``official`` (with ``--official-root``): our VAR against the official
    FoundationVision/VAR code on the same config and weights on this machine: sampling
    (``autoregressive_infer_cfg`` incl. decoding) and a training step (teacher forcing +
