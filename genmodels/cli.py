@@ -46,7 +46,9 @@ class GenmodelsCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         try:
-            hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+            # mmap: only the pickled hyper-parameters are read, not every tensor of a large checkpoint
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            hparams = ckpt.get("hyper_parameters") or {}
         except Exception:  # not a checkpoint: the loop that loads it reports that
             return
         model = self.config[sub].get("model")
