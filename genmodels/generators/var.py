@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels.generators.base import Generator
+from genmodels.nn.adaln import modulate
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
 from genmodels.tokenizers.base import TokenSpec
 
@@ -93,10 +94,9 @@ class AdaLNSelfAttn(nn.Module):
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        # modulate(LN(x), shift, scale) = LN(x) * (1 + scale) + shift, written with in-place ops as the official
-        h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias, cache=cache)
-        x = x + self.drop_path(h.mul_(gamma1))
-        h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
+        h = self.attn(modulate(self.ln_wo_grad(x), shift1, scale1), attn_bias, cache=cache)
+        x = x + self.drop_path(h.mul_(gamma1))  # in place on the fresh attention output, as the official
+        h = self.ffn(modulate(self.ln_wo_grad(x), shift2, scale2))
         return x + self.drop_path(h.mul(gamma2))
 
 
@@ -111,7 +111,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)  # modulate(LN(x), shift, scale)
+        return modulate(self.ln_wo_grad(x_BLC), shift, scale)
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,

@@ -8,7 +8,8 @@ noise scaled by a temperature ``tau`` (§3.3).
 This file holds, matching ``LTH14/mar`` (``models/diffloss.py`` and its DiT/IDDPM
 ``diffusion/`` package, which MAR builds with ``create_diffusion(noise_schedule="cosine")``):
 
-* ``GaussianDiffusion`` -- the cosine schedule (IDDPM, 1000 steps, ``beta <= 0.999``),
+* ``GaussianDiffusion`` -- the cosine schedule (IDDPM, 1000 steps, ``beta <= 0.999``; DDPM's
+  linear one with ``noise_schedule="linear"``, for short runs, see ``MAR``),
   epsilon prediction with a learned interpolated variance (``LEARNED_RANGE``), the
   training loss ``mse(eps) + vb`` (variational bound in bits with the mean detached,
   discretised-Gaussian NLL at ``t = 0``), respacing to fewer sampling steps

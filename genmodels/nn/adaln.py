@@ -5,5 +5,9 @@ import torch
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation ``x * (1 + scale) + shift`` (DiT eq. in §3.2)."""
-    return x * (1 + scale) + shift
+    """AdaLN modulation ``x * (1 + scale) + shift`` (DiT Sec. 3.2; VAR's ``AdaLNSelfAttn``).
+
+    The shift is added in place to the fresh product (autograd-safe: the product's backward
+    needs only ``x`` and ``scale``), as the official VAR code writes it; one allocation fewer.
+    """
+    return x.mul(scale.add(1)).add_(shift)
