@@ -1,0 +1,154 @@
+"""The sampling maths every generator shares: one meaning of every knob (DESIGN.md).
+
+The convention (the ``Generator`` contract):
+
+* ``cfg`` is the guidance weight w in ``uncond + w * (cond - uncond)``. ``cfg = 1`` is no
+  guidance, and a generator then skips the unconditional pass.
+* ``guidance_schedule`` says how w moves with the sampling progress p in [0, 1]
+  (``guidance_weight``): ``constant`` (w), ``linear`` (1 + (w - 1) p: MAR's ``linear``,
+  MUSE/TiTok's ``linear``, VAR's per-scale ramp), ``power-cosine``
+  (1 + (w - 1) (1 - cos(pi p^pow)) / 2, MDT/TiTok).
+* ``top_k = 0`` and ``top_p = 1.0`` are off (``filter_logits_``).
+* ``temperature`` divides the logits of a categorical draw (1 = the model's distribution);
+  for a diffusion head it scales the noise (MAR's official meaning), documented there.
+
+A paper whose knob means something else is mapped by one function here (``from_var_cfg``,
+``from_titok_guidance``, ``from_fractal_temperature``); paper configs state the paper's
+value beside ours.
+
+Random draws come from an explicit ``torch.Generator``. Two Gumbel forms exist because
+the official codebases draw them differently and seed-exact parity needs the same draws:
+``gumbel_noise`` (-log(-log u), 1d-tokenizer / MaskGIT) and ``gumbel_softmax``
+(-log Exp(1), VAR's ``gumbel_softmax_with_rng``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
+
+
+# ----------------------------------------------------------------------- guidance
+def guidance_weight(cfg: float, schedule: str = "constant", progress: float = 1.0, power: float = 3.0) -> float:
+    """w at sampling progress ``progress`` in [0, 1] for final weight ``cfg`` (see module doc)."""
+    if schedule == "constant":
+        return float(cfg)
+    if schedule == "linear":
+        return 1.0 + (cfg - 1.0) * progress
+    if schedule == "power-cosine":
+        return 1.0 + (cfg - 1.0) * (1.0 - math.cos(math.pi * progress ** power)) / 2.0
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """``uncond + w * (cond - uncond)``; w = 1 returns ``cond``."""
+    if w == 1.0:
+        return cond
+    return uncond + w * (cond - uncond)
+
+
+def with_null(labels: torch.Tensor, null_class: int) -> torch.Tensor:
+    """(B,) labels -> (2B,) ``[labels | null]``: the batch layout of a guided forward pass."""
+    return torch.cat([labels, torch.full_like(labels, null_class)])
+
+
+# ----------------------------------------------------------------------- paper knobs
+def from_var_cfg(var_cfg: float) -> dict:
+    """VAR's official ``cfg`` c: at scale k of K, ``(1 + t) cond - t uncond`` with
+    t = c k / (K - 1), i.e. w = 1 + c at the last scale, ramping linearly from 1.
+    Returns our knobs ``{"cfg": 1 + c, "guidance_schedule": "linear"}``."""
+    return {"cfg": 1.0 + var_cfg, "guidance_schedule": "linear"}
+
+
+def from_titok_guidance(guidance_scale: float, guidance_decay: str = "constant") -> dict:
+    """TiTok/MaskGIT ``guidance_scale`` g: ``cond + g (cond - uncond)`` for the constant and
+    linear decays (w = 1 + g), ``uncond + g (cond - uncond)`` for power-cosine (w = g)."""
+    schedule = {"constant": "constant", "linear": "linear", "power-cosine": "power-cosine"}[guidance_decay]
+    w = guidance_scale if schedule == "power-cosine" else 1.0 + guidance_scale
+    return {"cfg": w, "guidance_schedule": schedule}
+
+
+def from_fractal_temperature(temperature: float) -> float:
+    """FractalGen's PixelLoss temperature multiplies the logits; ours divides them."""
+    if temperature <= 0:
+        raise ValueError(f"FractalGen temperature must be > 0, got {temperature}")
+    return 1.0 / temperature
+
+
+# ----------------------------------------------------------------------- filtering
+def check_knobs(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg: float = 1.0) -> None:
+    """Raise a ValueError naming the knob if it is outside its range."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0 or int(top_k) != top_k:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not math.isfinite(cfg):
+        raise ValueError(f"cfg must be finite, got {cfg}")
+
+
+def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and the nucleus to -inf, in place; returns ``logits``.
+
+    logits (..., V). top-k keeps the logits >= the k-th largest (ties kept; 0 = off).
+    top-p (Holtzman et al. 2020; 1 = off) is applied to the top-k survivors and keeps a token
+    when the probability mass of the strictly more likely tokens is < p: computed as VAR's
+    official ``sample_with_top_k_top_p_`` does (ascending sort, drop where the cumulative
+    mass <= 1 - p), so its float rounding is the same; the most likely token always stays.
+    """
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Out-of-place ``filter_logits_``."""
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    return filter_logits_(logits.clone(), top_k, top_p)
+
+
+# ----------------------------------------------------------------------- random draws
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, eps: float = 1e-20) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u), u ~ U[0, 1), both logs clamped at ``eps``
+    (1d-tokenizer's ``add_gumbel_noise``)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log((-torch.log(u.clamp(min=eps))).clamp(min=eps))
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Soft Gumbel-softmax ``softmax((logits + g) / tau)`` with g = -log Exp(1) drawn from
+    ``generator`` (VAR's official ``gumbel_softmax_with_rng``)."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + gumbels) / tau).softmax(dim=-1)
+
+
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None, *,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       method: str = "multinomial") -> torch.Tensor:
+    """Draw one id per row of softmax(filter(logits / temperature)). logits (..., V) -> (...) int64.
+
+    ``method``: ``multinomial`` (``torch.multinomial`` on the probabilities, as VAR, MAR and
+    LlamaGen-style code draw) or ``gumbel`` (argmax of logits + Gumbel noise, as 1d-tokenizer).
+    Both give the same distribution; they consume the generator differently.
+    """
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    filter_logits_(logits, top_k, top_p)
+    if method == "gumbel":
+        return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)
+    if method != "multinomial":
+        raise ValueError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
+    V = logits.shape[-1]
+    probs = logits.softmax(dim=-1).reshape(-1, V)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(logits.shape[:-1])
