@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from genmodels.data.base import ImageDataModule, SPLITS
 from genmodels.tokenizers.kl_vae import patchify
+from genmodels.utils.progress import progress as progress_bar
 
 META = "meta.json"
 FORMAT = 1
@@ -54,7 +55,8 @@ def cache_latents(tokenizer: torch.nn.Module, datamodule: ImageDataModule, out_d
                   progress: bool = True) -> Path:
     """Encode ``splits`` of ``datamodule`` (without augmentation) with ``tokenizer`` into
     ``out_dir`` (``{split}-{k:05d}.safetensors`` shards of about ``shard_size`` items, cut
-    at batch boundaries, + ``meta.json``). Returns ``out_dir``."""
+    at batch boundaries, + ``meta.json``). Returns ``out_dir``. ``progress``: show images
+    done / total, s/img and time left per split (rank 0 only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.to(device).eval()
@@ -92,7 +94,8 @@ def cache_latents(tokenizer: torch.nn.Module, datamodule: ImageDataModule, out_d
                 v.clear()
             n_buf = 0
 
-        for i, (images, labels) in enumerate(loader):
+        bar = progress_bar(len(ds), f"cache_latents {split}", unit="img", enabled=None if progress else False)
+        for images, labels in loader:
             images = images.to(device)
             buf["moments"].append(encode(images).cpu())
             if flip:
@@ -102,8 +105,8 @@ def cache_latents(tokenizer: torch.nn.Module, datamodule: ImageDataModule, out_d
             n_done += len(labels)
             if n_buf >= shard_size:
                 flush()
-            if progress and (i % 50 == 0):
-                print(f"[cache_latents] {split}: {n_done}/{len(ds)}", flush=True)
+            bar.update(len(labels))
+        bar.close()
         flush()
         meta["splits"][split] = {"n": n_done, "shards": shards}
     (out / META).write_text(json.dumps(meta, indent=1))
