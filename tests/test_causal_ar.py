@@ -10,6 +10,7 @@ from genmodels.generators.causal_ar import CausalAR, filter_logits
 from genmodels.nn.attention import KVCache
 from genmodels.tokenizers.base import TokenSpec
 from genmodels.utils.config import instantiate
+from helpers import assert_close_f32
 
 K, C, N = 16, 3, 12
 
@@ -87,7 +88,7 @@ def test_kv_cache_logits_match_teacher_forcing(model):
         steps = [model._transformer(model._inputs(labels, tokens[:, :0]), caches)]
         for i in range(1, N):
             steps.append(model._transformer(model._inputs(labels, tokens[:, i - 1:i], start=i), caches))
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_close_f32(torch.cat(steps, 1), full, what="KV-cache steps vs teacher forcing")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(cfg=3.0), dict(top_k=4), dict(top_p=0.7, temperature=0.8),

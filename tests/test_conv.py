@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from genmodels.nn.conv import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample, ldm_attn_levels
+from helpers import assert_close_f32
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conv"
 
@@ -114,13 +115,13 @@ def test_blocks_behave():
             getattr(sep, name).bias.copy_(part)
         sep.proj_out.load_state_dict(fused.proj_out.state_dict())
         sep.norm.load_state_dict(fused.norm.state_dict())
-    torch.testing.assert_close(fused(x), sep(x))
+    assert_close_f32(fused(x), sep(x), what="fused vs separate q, k, v")
     # and equal an explicit softmax(q k^T / sqrt(C)) v
     h = fused.norm(x)
     q, k, v = fused.qkv(h).reshape(2, 3, 32, 64).unbind(1)
     w = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)
     ref = x + fused.proj_out((v @ w.transpose(1, 2)).reshape(2, 32, 8, 8))
-    torch.testing.assert_close(fused(x), ref, atol=1e-5, rtol=1e-5)
+    assert_close_f32(fused(x), ref, what="vs explicit softmax attention")
 
 
 def test_bad_options_raise():

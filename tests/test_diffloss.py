@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from genmodels.losses.diffusion import DiffLoss, create_diffusion, space_timesteps
-from helpers import mar_fixture_weights
+from helpers import F32_DEEP_RTOL, assert_close_f32, assert_close_f64, mar_fixture_weights
 
 FIX = Path(__file__).parent / "fixtures" / "mar"
-TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,25 +27,15 @@ def rec():
 def dl(rec):
     m = DiffLoss(target_channels=4, z_channels=8, depth=2, width=32, num_sampling_steps="10").eval()
     checksum = mar_fixture_weights().perturb_(m, seed=1)
-    assert checksum == pytest.approx(rec["checksum"].item(), rel=1e-12), "weights differ from the recording"
+    assert_close_f32(checksum, rec["checksum"].item(), rtol=1e-6, what="weight checksum (weights differ from the recording)")
     return m
-
-
-def maxdiff(a, b):
-    return (a - b).abs().max().item()
-
-
-def reldiff(a, b):
-    """max abs difference relative to the largest reference value: the random-weight sampler
-    chains grow to ~1e5, where float32 resolves ~1e-2 absolute."""
-    return (a - b).abs().max().item() / b.abs().max().item()
 
 
 def test_net_output_matches_official(dl, rec):
     with torch.no_grad():
         out = dl.net(rec["x"], rec["t"], rec["z"])
     assert out.shape == (12, 8)
-    assert maxdiff(out, rec["net_out"]) <= TOL
+    assert_close_f32(out, rec["net_out"], what="net output")
 
 
 def test_training_loss_terms_match_official(dl, rec):
@@ -54,21 +43,22 @@ def test_training_loss_terms_match_official(dl, rec):
     with torch.no_grad():
         terms = dl.loss_terms(rec["target"], rec["z"], t=rec["t"], noise=rec["noise"])
         x_t = dl.train_diffusion.q_sample(rec["target"], rec["t"], rec["noise"])
-    assert maxdiff(x_t, rec["train_x_t"]) <= TOL
+    assert_close_f32(x_t, rec["train_x_t"], what="x_t")
+    # per-sample terms of very different size (vb reaches ~457 at t = 0): each relative to itself
     for k in ("mse", "vb", "loss"):
-        assert maxdiff(terms[k], rec[f"train_{k}"]) <= TOL, k
+        assert_close_f32(terms[k], rec[f"train_{k}"], what=k, elementwise=True)
     # t == 0 rows take the discretised-Gaussian NLL branch, which differs from a KL
     assert (rec["t"] == 0).sum() == 2
     mask = torch.tensor([1.0] * 6 + [0.0] * 6)
     with torch.no_grad():
         loss = dl(rec["target"], rec["z"], mask=mask, t=rec["t"], noise=rec["noise"])
-    assert loss.item() == pytest.approx((rec["train_loss"] * mask).sum().item() / 6, rel=1e-5)
+    assert_close_f32(loss, (rec["train_loss"] * mask).sum() / 6, what="masked mean loss")
 
 
 def test_sampling_schedule_matches_official(rec):
     d = create_diffusion("100")
     assert d.timestep_map.tolist() == rec["gen100_timestep_map"].tolist()
-    assert torch.allclose(torch.from_numpy(d.betas), rec["gen100_betas"], rtol=0, atol=1e-15)
+    assert_close_f64(torch.from_numpy(d.betas), rec["gen100_betas"], what="betas (float64 maths)")
     assert space_timesteps(1000, "100")[:4] == [0, 10, 20, 30] and len(space_timesteps(1000, "100")) == 100
     full = create_diffusion("")
     assert full.num_timesteps == 1000 and full.timestep_map.tolist() == list(range(1000))
@@ -80,7 +70,8 @@ def test_sampler_matches_official_without_guidance(dl, rec):
     z = rec["z"][:6]
     out = dl.sample(z, temperature=0.9, noise=rec["sample_noise0"].clone(), step_noises=list(rec["sample_step_noises"]))
     assert out.shape == (6, 4)
-    assert reldiff(out, rec["sample_out"]) <= TOL
+    # DDPM chain (random weights grow it to ~1e5, relative to the largest): iterated-sampler tolerance
+    assert_close_f32(out, rec["sample_out"], rtol=F32_DEEP_RTOL, what="sample")
 
 
 def test_sampler_matches_official_with_guidance(dl, rec):
@@ -88,7 +79,7 @@ def test_sampler_matches_official_with_guidance(dl, rec):
     out = dl.sample(z, temperature=0.8, cfg=3.0, noise=rec["sample_noise0"].clone(),
                     step_noises=list(rec["cfg_step_noises"]))
     assert out.shape == (6, 4)
-    assert reldiff(out, rec["cfg_out"]) <= TOL
+    assert_close_f32(out, rec["cfg_out"], rtol=F32_DEEP_RTOL, what="sample with cfg")
 
 
 def test_sampler_is_reproducible_and_temperature_scales_noise(dl):

@@ -18,6 +18,7 @@ from torch import nn
 
 from genmodels.evaluation import Evaluator, frechet_distance, feature_statistics, read_adm_npz, read_rows
 from genmodels.evaluation.reference import write_adm_npz
+from helpers import SCORE_RTOL
 
 
 def digits_split(split: str):
@@ -96,7 +97,7 @@ def test_evaluator_generates_scores_writes_row_and_caches_reference(tmp_path, mo
     monkeypatch.setattr(dm, "reference_dataset", lambda split: NoImages())
     again = Evaluator(**kw).evaluate(PoolModel(x, y, 0.0, fake_trainer(tmp_path, dm)))
     for k in ("test/fid", "test/is", "test/precision", "test/recall"):
-        assert again[k] == pytest.approx(good[k], rel=1e-9), k
+        assert again[k] == pytest.approx(good[k], rel=SCORE_RTOL), k
 
     rows = read_rows(tmp_path / "results" / "rows.jsonl")
     assert len(rows) == 3 and rows[0]["name"] == "digits_fake" and rows[0]["model"] == "PoolGenerator"
@@ -150,14 +151,14 @@ def test_adm_reference_npz_stored_statistics_and_sample_export(tmp_path):
     # FID used the stored (shifted) statistics, P/R the arr_0 features
     fake_feats = probe.extract(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)[0]
     fmu, fsigma = feature_statistics(fake_feats)
-    assert m["test/fid"] == pytest.approx(frechet_distance(fmu, fsigma, mu + shift, sigma), rel=1e-9)
+    assert m["test/fid"] == pytest.approx(frechet_distance(fmu, fsigma, mu + shift, sigma), rel=SCORE_RTOL)
     assert m["test/fid"] > frechet_distance(fmu, fsigma, mu, sigma) + 1.0
 
     # scoring the exported file gives the in-process numbers (8-bit quantisation on both paths)
     again = Evaluator(num_samples=120, batch_size=50, reference=str(ref_npz), cache_dir=str(tmp_path / "cache"))
     from_file = again.evaluate_npz(exported, PoolModel(x, y, 0.0, trainer))
     for k in ("test/fid", "test/is", "test/precision", "test/recall"):
-        assert from_file[k] == pytest.approx(m[k], rel=1e-6, abs=1e-9), k
+        assert from_file[k] == pytest.approx(m[k], rel=SCORE_RTOL), k
 
 
 def test_adm_npz_errors_and_official_warnings(tmp_path):
@@ -219,7 +220,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     print(f"1 process: {single}\n2 processes: {ddp}")
     assert ddp["num_reference"] == single["num_reference"] == 45
     for k in ("test/fid", "test/is", "test/is_std", "test/precision", "test/recall"):
-        assert ddp[k] == pytest.approx(single[k], rel=1e-5, abs=1e-7), k
+        assert ddp[k] == pytest.approx(single[k], rel=SCORE_RTOL), k
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -284,7 +285,7 @@ def test_trainer_test_with_generator_module_logs_metrics_and_row(tmp_path):
     rows = read_rows(Path(tester.log_dir) / "results.jsonl")
     assert len(rows) == 1 and rows[0]["model"] == "PoolGen" and rows[0]["tokenizer"] == "PixelTok"
     assert rows[0]["sampling"] == {"temperature": 1.0, "cfg": 1.5} and rows[0]["ckpt_path"] == ckpt
-    assert rows[0]["fid"] == pytest.approx(out["test/fid"], rel=1e-6)
+    assert rows[0]["fid"] == pytest.approx(out["test/fid"], rel=1e-6)  # Lightning logs float32: 6e-8
     assert "evaluator" not in "".join(torch.load(ckpt, weights_only=False)["state_dict"])
 
 

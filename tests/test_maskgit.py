@@ -12,6 +12,7 @@ from genmodels.checkpoints import CheckpointMismatchError, from_official
 from genmodels.generators.maskgit import MaskGIT, mask_ratio
 from genmodels.tokenizers.base import TokenSpec
 from genmodels.utils.config import instantiate
+from helpers import assert_close_f32
 
 FIXTURE = Path(__file__).parent / "fixtures" / "maskgit" / "imagebert_tiny.pt"
 K, C = 16, 3
@@ -143,8 +144,8 @@ def test_forward_matches_official(official):
     with torch.no_grad():
         cond = m(f["ids"], f["condition"])
         uncond = m(f["ids"], torch.full_like(f["condition"], m.num_classes))
-    torch.testing.assert_close(cond, f["logits_cond"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(uncond, f["logits_uncond"], atol=1e-5, rtol=1e-5)
+    assert_close_f32(cond, f["logits_cond"], what="logits cond")
+    assert_close_f32(uncond, f["logits_uncond"], what="logits uncond")
 
 
 def test_training_step_matches_official(official):
@@ -158,7 +159,7 @@ def test_training_step_matches_official(official):
     finally:
         m.eval()
     assert torch.equal(mask, t["masks"]) and torch.equal(masked, t["masked"])
-    torch.testing.assert_close(out["loss"], t["loss"], atol=1e-5, rtol=1e-5)
+    assert_close_f32(out["loss"], t["loss"], what="loss")
 
 
 @pytest.mark.parametrize("i", range(4))
@@ -321,7 +322,7 @@ def test_guidance_formulas(model):
         for sched, step, w_eff in [("constant", 0, 3.0), ("linear", 2, 1 + 0.5 * 2.0),
                                    ("power-cosine", 2, 1 + 2.0 * (1 - math.cos(math.pi * 0.5 ** 3)) / 2)]:
             got = model._guided_logits(ids, labels, 3.0, sched, step, 4, 3.0)
-            torch.testing.assert_close(got, uncond + w_eff * (cond - uncond), atol=1e-4, rtol=1e-4)
+            assert_close_f32(got, uncond + w_eff * (cond - uncond), what=sched)
 
 
 def test_temperature_knobs(model):

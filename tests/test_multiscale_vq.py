@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from genmodels.checkpoints.common import CheckpointMismatchError, load_strict
 from genmodels.tokenizers.multiscale_vq import (TRAINING_STATE_KEYS, VQVAE, MultiScaleVectorQuantizer, phi_index)
+from helpers import F32_DEEP_RTOL, F32_RTOL, assert_close_f32
 
 FIXTURES = Path(__file__).parent / "fixtures" / "var_vqvae"
-ATOL = 1e-5
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -81,7 +81,7 @@ def test_shapes_and_round_trip(pns):
     torch.testing.assert_close(vae.decode_scales(scales), img)
     # decode(encode(x)) is the quantized reconstruction of the training forward
     rec, stats, vq_loss = vae(x)
-    torch.testing.assert_close(vae.decode(tokens, clamp=False), rec, atol=1e-5, rtol=1e-5)
+    assert_close_f32(vae.decode(tokens, clamp=False), rec, rtol=F32_DEEP_RTOL, what="decode(encode(x)) vs training forward")
     out = vae.losses(x)
     assert {"loss", "recon", "rec_loss", "vq_loss", "usage", "perplexity", "dead_codes"} <= set(out)
     assert all(f"usage_s{k}" in out and f"perplexity_s{k}" in out for k in range(len(pns)))
@@ -228,10 +228,8 @@ def _meta(path: Path) -> dict:
         return f.metadata()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= ATOL, f"{what}: max abs diff {diff}"
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = F32_RTOL) -> None:
+    assert_close_f32(a, b, rtol=rtol, what=what)
 
 
 def _check_quantizer_outputs(q: MultiScaleVectorQuantizer, t: dict, p: str, f: torch.Tensor) -> None:
@@ -281,24 +279,25 @@ def test_parity_vqvae_encode_decode(official_vqvae):
     vae, t, _ = official_vqvae
     x = t["x"]
     with torch.no_grad():
-        _close(vae.quant_conv(vae.encoder(x)), t["f"], "encoder features")
+        _close(vae.quant_conv(vae.encoder(x)), t["f"], "encoder features", F32_DEEP_RTOL)
         idx = vae.img_to_idxBl(x)
         for si in range(len(idx)):
             assert torch.equal(idx[si], t[f"idx_s{si}"]), f"indices at scale {si}"
         tokens = vae.encode(x)
         assert torch.equal(tokens, torch.cat([t[f"idx_s{si}"] for si in range(len(idx))], 1))
-        _close(vae.decode(tokens), t["img_from_idx"], "decoded image (clamped)")
-        _close(vae.decode(tokens, clamp=False), t["dec_raw"], "decoded image (raw)")
-        _close(vae.idxBl_to_img(idx, same_shape=True, last_one=True), t["img_from_idx"], "idxBl_to_img")
+        _close(vae.decode(tokens), t["img_from_idx"], "decoded image (clamped)", F32_DEEP_RTOL)
+        _close(vae.decode(tokens, clamp=False), t["dec_raw"], "decoded image (raw)", F32_DEEP_RTOL)
+        _close(vae.idxBl_to_img(idx, same_shape=True, last_one=True), t["img_from_idx"], "idxBl_to_img",
+               F32_DEEP_RTOL)
         recs = vae.img_to_reconstructed_img(x)
         for si, r in enumerate(recs):
-            _close(r, t[f"recon_s{si}"], f"reconstruction after scale {si}")
+            _close(r, t[f"recon_s{si}"], f"reconstruction after scale {si}", F32_DEEP_RTOL)
     _check_quantizer_outputs(vae.quantize, t, "q.", t["f"])
     # the training forward (straight-through reconstruction, VQ loss)
     vae.train()
     rec, _, vq_loss = vae(x)
     vae.eval()
-    _close(rec.detach(), t["train_rec"], "training reconstruction")
+    _close(rec.detach(), t["train_rec"], "training reconstruction", F32_DEEP_RTOL)
     _close(vq_loss.detach().reshape(1), t["train_vq_loss"], "vq loss")
 
 

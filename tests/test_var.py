@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from genmodels.checkpoints import from_official
 from genmodels.generators.var import VAR, sample_top_k_top_p
 from genmodels.utils.config import instantiate
+from helpers import F32_DEEP_RTOL, F32_RTOL, assert_close_f32
 
 FIX = Path(__file__).parent / "fixtures" / "var"
 
@@ -67,16 +68,16 @@ def test_logits_match_official(name):
         logits = model(d["labels"], d["x_BLCv_wo_first_l"])
         prog = model(d["labels"], d["x_BLCv_wo_first_l"], prog_si=1)
     assert logits.shape == d["logits"].shape
-    assert (logits - d["logits"]).abs().max() <= 1e-5
+    assert_close_f32(logits, d["logits"], what="logits")
     assert prog.shape == d["logits_prog1"].shape == (4, 5, 64)
-    assert (prog - d["logits_prog1"]).abs().max() <= 1e-5
+    assert_close_f32(prog, d["logits_prog1"], what="logits, prog_si=1")
 
 
 def test_teacher_forcing_input_from_tokens(vae):
     _, d, _ = load_case("aln", vae)
     idx = list(d["tokens"].split([1, 4, 9, 16], dim=1))
     x = vae.quantize.idxBl_to_var_input(idx)
-    assert (x - d["x_BLCv_wo_first_l"]).abs().max() <= 1e-6
+    assert_close_f32(x, d["x_BLCv_wo_first_l"], what="teacher-forcing input")
 
 
 @pytest.mark.parametrize("name", ["aln", "saln", "nol2"])
@@ -85,7 +86,7 @@ def test_training_loss_and_gradients_match_official(name, vae):
     model.label_smoothing = 0.1
     model.train()
     out = model.forward_loss(d["tokens"], d["labels"])
-    assert abs(out["loss"].item() - d["loss_ls0.1"].item()) <= 1e-5
+    assert_close_f32(out["loss"].reshape(1), d["loss_ls0.1"].reshape(1), what="loss")
     out["loss"].backward()
     rename = {"qkv.weight": "mat_qkv.weight", "attn.scale_mul": "attn.scale_mul_1H11"}
     n = 0
@@ -94,9 +95,10 @@ def test_training_loss_and_gradients_match_official(name, vae):
         for a, b in rename.items():
             off = off.replace(a, b)
         want = d["gradnorm." + off]
-        assert torch.allclose(p.grad.norm().reshape(1), want, rtol=1e-4, atol=1e-7), our
+        # gradients: relative to their own size (floor 0), summed over many float32 products
+        assert_close_f32(p.grad.norm().reshape(1), want.reshape(1), rtol=1e-4, floor=0, what=f"|grad {our}|")
         if "grad." + off in d:
-            assert torch.allclose(p.grad, d["grad." + off], rtol=1e-4, atol=1e-6), our
+            assert_close_f32(p.grad, d["grad." + off], rtol=1e-4, floor=0, what=f"grad {our}")
         n += 1
     assert n == sum(1 for k in d if k.startswith("gradnorm."))
 
@@ -111,9 +113,17 @@ def test_sampling_matches_official(name, run, vae):
     assert torch.equal(tokens, d[f"sample.{run}.tokens"])
     images = model.sample_images(d["labels"], generator=torch.Generator().manual_seed(seed), **kw)
     assert images.shape == d[f"sample.{run}.images01"].shape
-    assert ((images + 1) / 2 - d[f"sample.{run}.images01"]).abs().max() <= 1e-5
+    # tokens are exact, so the images differ by the conv decoder's float32 error (deep-net
+    # tolerance); more_smooth decodes Gumbel-softmax mixtures softmax(logits (1 + r) / tau), tau =
+    # max(0.27 (1 - 0.95 r), 0.005) at scale ratio r, which multiplies the logits' float32 error
+    # by (1 + r) / tau: 148 at the last of 4 scales.
+    rtol = F32_DEEP_RTOL
+    if kw.get("more_smooth"):
+        K = len(meta["var_config"]["patch_nums"])
+        rtol = F32_RTOL * max((1 + si / (K - 1)) / max(0.27 * (1 - 0.95 * si / (K - 1)), 0.005) for si in range(K))
+    assert_close_f32((images + 1) / 2, d[f"sample.{run}.images01"], rtol=rtol, what=f"{run} images")
     if not kw.get("more_smooth"):  # decoding the returned tokens gives the same image
-        assert (vae.decode(tokens) - images).abs().max() <= 1e-5
+        assert_close_f32(vae.decode(tokens), images, rtol=rtol, what=f"{run} decode(tokens)")
 
 
 def test_sampling_without_kv_cache_is_the_same(vae):
