@@ -62,6 +62,8 @@ class GenmodelsCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    from genmodels.training.quiet import silence_known_noise
+    silence_known_noise()  # exact messages Lightning / torch print on every run (see genmodels/training/quiet.py)
     try:
         GenmodelsCLI(
             model_class=None, subclass_mode_model=True,

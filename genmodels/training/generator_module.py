@@ -22,6 +22,7 @@ from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
 from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import save_grid, save_pngs, to_uint8
 from genmodels.utils.paths import run_dir
 
@@ -66,6 +67,12 @@ class GeneratorModule(LightningModule):
         super().train(mode)
         self.tokenizer.eval()  # frozen: never in training mode
         return self
+
+    def on_fit_start(self) -> None:  # the frozen tokenizer in eval mode is intended: no warning for it
+        self._unignore_frozen = ignore_frozen_eval_modules(self, ("tokenizer", "evaluator"))
+
+    def on_train_start(self) -> None:
+        getattr(self, "_unignore_frozen", lambda: None)()
 
     # ------------------------------------------------------------------ data -> tokens
     @torch.no_grad()

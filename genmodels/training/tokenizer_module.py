@@ -20,6 +20,7 @@ from genmodels.losses.gan import PatchDiscriminator, adaptive_weight, generator_
 from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
 from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import save_grid
 from genmodels.utils.paths import run_dir
 
@@ -60,6 +61,12 @@ class TokenizerModule(LightningModule):
             self.perceptual = LPIPS(perceptual_weights)
         self.discriminator = PatchDiscriminator(3, disc_ndf, disc_layers) if disc_weight > 0 else None
         self.automatic_optimization = self.discriminator is None
+
+    def on_fit_start(self) -> None:  # frozen LPIPS / evaluator in eval mode are intended: no warning
+        self._unignore_frozen = ignore_frozen_eval_modules(self, ("perceptual", "evaluator"))
+
+    def on_train_start(self) -> None:
+        getattr(self, "_unignore_frozen", lambda: None)()
 
     # ------------------------------------------------------------------ helpers
     def _batch_index(self) -> int:
