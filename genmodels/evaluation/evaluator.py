@@ -109,8 +109,9 @@ class Evaluator:
             self._extractor = build_feature_extractor(self.feature_extractor_spec, **self.feature_extractor_kwargs)
         return self._extractor
 
-    def resolve_reference(self, datamodule: Any = None, device: Any = "cpu") -> Reference | None:
-        """The ``reference`` spec -> a ``Reference`` on rank 0 (``None`` on other ranks): an ADM
+    def resolve_reference(self, datamodule: Any = None, device: Any = "cpu") -> Reference:
+        """The ``reference`` spec -> a ``Reference`` on rank 0 (``Reference.elsewhere()`` on other
+        ranks): an ADM
         ``.npz``, or split ``reference`` of ``datamodule.reference_dataset`` (given explicitly)."""
         spec = self.reference_spec
         common = dict(num_reference=self.num_reference, cache_dir=self.cache_dir, batch_size=self.batch_size,

@@ -11,7 +11,7 @@ for sFID when the extractor has spatial features. Sources:
 
 Features are computed sharded over ranks, each rank reading only the indices it owns, once
 (``generation.extract_images``), whatever sampler a trainer uses. Rank 0 holds the result
-(other ranks get ``None``: scoring happens on rank 0).
+(other ranks get ``Reference.elsewhere()``: scoring happens on rank 0).
 
 Caches are keyed by content (``cache_key``): a sha256 of the reference's content (the
 ``.npz`` file's bytes, or the data set id + split + length), the extractor's name, weights
@@ -56,6 +56,11 @@ class Reference:
     sigma_s: np.ndarray | None = None
     stored_spatial: bool = False
     key: str | None = None  # content key of the cache entry
+
+    @classmethod
+    def elsewhere(cls) -> "Reference":
+        """What ranks other than 0 hold: scoring happens on rank 0, which has the reference."""
+        return cls(torch.zeros(0, 0), np.zeros(0), np.zeros((0, 0)), "held by rank 0")
 
     @property
     def num_images(self) -> int:
@@ -151,8 +156,8 @@ def _from_features(out: dict, source: str, key: str) -> Reference:
 
 def reference_from_npz(path: str | Path, extractor: FeatureExtractor, num_reference: int | None = None,
                        cache_dir: str | Path | None = None, batch_size: int = 100, device: Any = "cpu",
-                       progress: bool = True) -> Reference | None:
-    """ADM reference batch -> ``Reference`` on rank 0 (``None`` on others); see the module doc."""
+                       progress: bool = True) -> Reference:
+    """ADM reference batch -> ``Reference`` on rank 0 (``Reference.elsewhere()`` on others); see the module doc."""
     path = Path(path).expanduser()
     images, stats, _ = read_adm_npz_all(path)
     n = len(images) if num_reference is None else min(int(num_reference), len(images))
@@ -162,12 +167,12 @@ def reference_from_npz(path: str | Path, extractor: FeatureExtractor, num_refere
     if not found:
         out = extract_images(images, extractor, n, batch_size, device, progress=progress, what="reference features")
         if out is None:
-            return None
+            return Reference.elsewhere()
         ref = _from_features(out, f"{path} (arr_0[:{n}])", key)
         if cpath is not None:  # rank 0
             ref.save(cpath, source_file=str(path), extractor=extractor.cache_key())
     if dist_info()[0] != 0:
-        return None
+        return Reference.elsewhere()
     ref.source = f"{path} (arr_0[:{n}])"
     d = ref.features.shape[1]
     if "mu" in stats and len(stats["mu"]) == d:
@@ -180,9 +185,9 @@ def reference_from_npz(path: str | Path, extractor: FeatureExtractor, num_refere
 
 def reference_from_dataset(dataset: Any, content_id: str, extractor: FeatureExtractor, resolution: Any = None,
                            num_reference: int | None = None, cache_dir: str | Path | None = None,
-                           batch_size: int = 100, device: Any = "cpu", progress: bool = True) -> Reference | None:
+                           batch_size: int = 100, device: Any = "cpu", progress: bool = True) -> Reference:
     """Features of ``dataset[0:num_reference]`` (items ``(image, label)`` or images in [-1, 1])
-    -> ``Reference`` on rank 0 (``None`` on others). ``content_id`` names the data (e.g.
+    -> ``Reference`` on rank 0 (``Reference.elsewhere()`` on others). ``content_id`` names the data (e.g.
     ``"digits-32:train"``); it is part of the cache key with ``len(dataset)``."""
     n = len(dataset) if num_reference is None else min(int(num_reference), len(dataset))
     key = cache_key(f"dataset:{content_id}:len{len(dataset)}", extractor, resolution, n)
@@ -191,8 +196,8 @@ def reference_from_dataset(dataset: Any, content_id: str, extractor: FeatureExtr
     if not found:
         out = extract_images(dataset, extractor, n, batch_size, device, progress=progress, what="reference features")
         if out is None:
-            return None
+            return Reference.elsewhere()
         ref = _from_features(out, f"{content_id}[:{n}]", key)
         if cpath is not None:  # rank 0
             ref.save(cpath, extractor=extractor.cache_key())
-    return ref if dist_info()[0] == 0 else None
+    return ref if dist_info()[0] == 0 else Reference.elsewhere()
