@@ -255,6 +255,7 @@ class Evaluator:
             "num_samples": n,
             "batch_size": batch_size or self.batch_size,
             "seed": self.seed,
+            "dataset": ref.dataset,
             "feature_extractor": self.extractor.name,
             "extractor_key": self.extractor.cache_key(),
             "reference": ref.source,

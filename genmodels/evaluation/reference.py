@@ -56,6 +56,7 @@ class Reference:
     sigma_s: np.ndarray | None = None
     stored_spatial: bool = False
     key: str | None = None  # content key of the cache entry
+    dataset: str | None = None  # names the real data in rows / tables (data set id, or adm-<file stem>)
 
     @classmethod
     def elsewhere(cls) -> "Reference":
@@ -173,7 +174,7 @@ def reference_from_npz(path: str | Path, extractor: FeatureExtractor, num_refere
             ref.save(cpath, source_file=str(path), extractor=extractor.cache_key())
     if dist_info()[0] != 0:
         return Reference.elsewhere()
-    ref.source = f"{path} (arr_0[:{n}])"
+    ref.source, ref.dataset = f"{path} (arr_0[:{n}])", f"adm-{path.stem}"
     d = ref.features.shape[1]
     if "mu" in stats and len(stats["mu"]) == d:
         ref.mu, ref.sigma, ref.stored_statistics = stats["mu"], stats["sigma"], True
@@ -200,4 +201,7 @@ def reference_from_dataset(dataset: Any, content_id: str, extractor: FeatureExtr
         ref = _from_features(out, f"{content_id}[:{n}]", key)
         if cpath is not None:  # rank 0
             ref.save(cpath, extractor=extractor.cache_key())
-    return ref if dist_info()[0] == 0 else Reference.elsewhere()
+    if dist_info()[0] != 0:
+        return Reference.elsewhere()
+    ref.dataset = content_id.rsplit(":", 1)[0]
+    return ref
