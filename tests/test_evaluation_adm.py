@@ -147,7 +147,7 @@ def test_evaluator_rules_are_named_and_used():
     assert (f32.rules.is_rule, f32.rules.pr_arithmetic) == ("splits=10", "fp32")
     with pytest.raises(GenmodelsError, match="protocol"):
         Evaluator(protocol="tf")
-    real, fake = pool3_like(300, 256, 0), pool3_like(300, 256, 1, shift=0.03)
+    real, fake = pool3_like(300, 64, 0), pool3_like(300, 64, 1, shift=0.03)
     ref = Reference(torch.from_numpy(real), *feature_statistics(real), "synthetic")
     logits = np.random.default_rng(0).normal(size=(300, 7))
     a = Evaluator(pr_block=128).score(fake, logits, None, ref)
