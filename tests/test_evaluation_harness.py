@@ -97,36 +97,31 @@ def test_sampling_plan_class_order_blocks_and_ranks():
     assert gen_mod.block_seed(0, 1, 2) == gen_mod.block_seed(0, 1, 2) != gen_mod.block_seed(0, 2, 1)
 
 
-def _simulated(monkeypatch, rank: int, world: int, box: list):
-    monkeypatch.setattr(gen_mod, "dist_info", lambda: (rank, world))
-    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: box.append(obj) or None)
-
-
 def test_simulated_ranks_give_the_single_process_samples(monkeypatch):
-    """Fast stand-in of the 2-process test: each simulated rank generates its round-robin share;
-    merging the shares gives exactly the N samples of one process (N not divisible by W)."""
+    """Fast stand-in of the 2-process test: rank 1 generates its round-robin share, rank 0 its
+    own and merges both as after the gather; exactly the N samples of one process (N = 23 not
+    divisible by W = 2), no block twice."""
     x, y = digits_split("test")
-    ev = Evaluator(num_samples=23, batch_size=4)
+    ex = Evaluator().extractor
     plan = SamplingPlan(23, 3, 4)
-    single = gen_mod.generate_and_extract(pool_sampler(x, y, 4), plan, ev.extractor, keep_images=True, progress=False)
-    shares: list = []
-    for rank in range(2):
-        _simulated(monkeypatch, rank, 2, shares)
-        assert gen_mod.generate_and_extract(pool_sampler(x, y, 4), plan, ev.extractor, keep_images=True) is None
-    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: shares)
-    monkeypatch.setattr(gen_mod, "dist_info", lambda: (0, 1))
-    merged = gen_mod.generate_and_extract(lambda c, b: pytest.fail("rank 0 regenerates"), SamplingPlan(23, 3, 4),
-                                          ev.extractor, keep_images=True) if False else None
-    # merge the two ranks' blocks as rank 0 does
-    blocks = {}
-    for part, _ in shares:
-        assert not set(part) & set(blocks)  # no block twice
-        blocks.update(part)
-    assert sorted(blocks) == sorted(plan.blocks)
-    imgs = np.concatenate([blocks[p][1] for p in sorted(blocks)])[plan.order()]
-    np.testing.assert_array_equal(imgs, single["images"])
-    assert len(single["features"]) == 23 and single["labels"].tolist() == [i % 3 for i in range(23)]
-    del merged
+    single = gen_mod.generate_and_extract(pool_sampler(x, y, 4), plan, ex, keep_images=True, progress=False)
+    made = []
+
+    def counted(c, b):
+        made.append((c, b))
+        return pool_sampler(x, y, 4)(c, b)
+
+    rank1: list = []
+    monkeypatch.setattr(gen_mod, "dist_info", lambda: (1, 2))
+    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: rank1.append(obj))
+    assert gen_mod.generate_and_extract(counted, plan, ex, keep_images=True) is None
+    monkeypatch.setattr(gen_mod, "dist_info", lambda: (0, 2))
+    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: [obj, rank1[0]])
+    merged = gen_mod.generate_and_extract(counted, plan, ex, keep_images=True, progress=False)
+    assert sorted(made) == sorted(plan.blocks) and len(set(made)) == len(made)
+    np.testing.assert_array_equal(merged["images"], single["images"])
+    np.testing.assert_allclose(merged["features"], single["features"], rtol=1e-6, atol=1e-6)
+    assert len(merged["features"]) == 23 and merged["labels"].tolist() == [i % 3 for i in range(23)]
 
 
 # ---------------------------------------------------------------------------- reference caches
