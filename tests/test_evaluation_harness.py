@@ -124,6 +124,42 @@ def test_simulated_ranks_give_the_single_process_samples(monkeypatch):
     assert len(merged["features"]) == 23 and merged["labels"].tolist() == [i % 3 for i in range(23)]
 
 
+def test_reference_images_are_read_once_over_simulated_ranks(monkeypatch):
+    """The reference is built from the indices each rank owns (batches round robin), exactly
+    once, whatever sampler a trainer would use: the 45-image set is read once in total and
+    gives the single-process features (the old path took DistributedSampler positions from the
+    test batches: without that sampler, 44 images came out as 15 distinct ones)."""
+    from genmodels.evaluation.reference import reference_from_dataset
+
+    x, y = digits_split("test", 16)
+    reads: list = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 45
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return x[i], y[i]
+
+    ex = Evaluator().extractor
+    single = reference_from_dataset(Counting(), "counting", ex, 16, batch_size=8, cache_dir="off", progress=False)
+    reads.clear()
+    rank1: list = []
+    monkeypatch.setattr(gen_mod, "dist_info", lambda: (1, 2))
+    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: rank1.append(obj))
+    import genmodels.evaluation.reference as ref_mod
+    monkeypatch.setattr(ref_mod, "dist_info", lambda: (1, 2))
+    monkeypatch.setattr(ref_mod, "broadcast_from_zero", lambda obj: obj)  # cache_dir off: nothing found
+    assert reference_from_dataset(Counting(), "counting", ex, 16, batch_size=8, cache_dir="off").num_images == 0
+    monkeypatch.setattr(gen_mod, "dist_info", lambda: (0, 2))
+    monkeypatch.setattr(ref_mod, "dist_info", lambda: (0, 2))
+    monkeypatch.setattr(gen_mod, "gather_to_zero", lambda obj: [obj, rank1[0]])
+    both = reference_from_dataset(Counting(), "counting", ex, 16, batch_size=8, cache_dir="off", progress=False)
+    assert sorted(reads) == list(range(45)) and both.num_images == 45
+    torch.testing.assert_close(both.features, single.features)
+
+
 # ---------------------------------------------------------------------------- reference caches
 def _npz(path: Path, images: torch.Tensor, **stats) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
