@@ -415,3 +415,20 @@ def test_evaluate_reconstructions_rfid():
     assert abs(scores[0.0]["test/rfid"]) < 1e-3
     assert scores[0.0]["test/precision"] == scores[0.0]["test/recall"] == 1.0
     assert scores[0.5]["test/rfid"] > 10
+
+
+def test_trainer_test_with_tokenizer_module_scores_reconstructions(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from genmodels.tokenizers.multiscale_vq import VQVAE
+    from genmodels.training.tokenizer_module import TokenizerModule
+
+    ev = Evaluator(reference="val", num_reference=40, batch_size=20, cache_dir="off", progress=False)
+    module = TokenizerModule(VQVAE(**TINY["init_args"]["tokenizer"]["init_args"]), evaluator=ev)
+    tester = lightning.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, limit_test_batches=1,
+                               logger=CSVLogger(tmp_path), enable_model_summary=False)
+    out = tester.test(module, datamodule=DigitsDataModule(image_size=16, eval_batch_size=8))[0]
+    (row,) = read_rows(Path(tester.log_dir) / "results.jsonl")
+    assert row["kind"] == "reconstruction" and row["num_samples"] == 40 and row["tokenizer"] == "VQVAE"
+    assert out["test/rfid"] == pytest.approx(row["fid"], rel=1e-6) and out["test/rfid"] > 0

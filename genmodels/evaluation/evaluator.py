@@ -153,6 +153,10 @@ class Evaluator:
         """Generate ``num_samples`` with ``sample_block``, score them, write the row (rank 0);
         returns ``{prefix + metric: value}``, the same on every rank."""
         plan = SamplingPlan(self.num_samples, max(1, int(num_classes)), int(block_size or self.batch_size))
+        if plan.block_size > max(plan.per_class) and dist_info()[0] == 0:
+            print(f"genmodels eval: note: batch_size {plan.block_size} > {max(plan.per_class)} samples per class: each "
+                  "block generates more images than it keeps (set batch_size to a divisor of the per-class count)",
+                  file=sys.stderr)
         ref = reference if reference is not None else self.resolve_reference(datamodule, device)
         t0 = time.perf_counter()
         out = generate_and_extract(sample_block, plan, self.extractor, device, keep_images=self.export_npz,
