@@ -160,19 +160,31 @@ def reference_from_npz(path: str | Path, extractor: FeatureExtractor, num_refere
                        progress: bool = True) -> Reference:
     """ADM reference batch -> ``Reference`` on rank 0 (``Reference.elsewhere()`` on others); see the module doc."""
     path = Path(path).expanduser()
-    images, stats, _ = read_adm_npz_all(path)
-    n = len(images) if num_reference is None else min(int(num_reference), len(images))
-    key = cache_key(f"npz:{file_digest(path)}", extractor, images.shape[1], n)
+    rank = dist_info()[0]
+    images = stats = head = None
+    if rank == 0:  # only rank 0 reads and digests the file unless features must be computed
+        try:
+            images, stats, _ = read_adm_npz_all(path)
+            n = len(images) if num_reference is None else min(int(num_reference), len(images))
+            head = (n, cache_key(f"npz:{file_digest(path)}", extractor, images.shape[1], n))
+        except Exception as e:  # every rank raises it (no rank left waiting)
+            head = e
+    head = broadcast_from_zero(head)
+    if isinstance(head, Exception):
+        raise head
+    n, key = head
     cpath = _cache_path(cache_dir, f"adm-{path.stem}", key)
     found, ref = _cached(cpath, key)
     if not found:
+        if images is None:
+            images = read_adm_npz_all(path)[0]
         out = extract_images(images, extractor, n, batch_size, device, progress=progress, what="reference features")
         if out is None:
             return Reference.elsewhere()
         ref = _from_features(out, f"{path} (arr_0[:{n}])", key)
         if cpath is not None:  # rank 0
             ref.save(cpath, source_file=str(path), extractor=extractor.cache_key())
-    if dist_info()[0] != 0:
+    if rank != 0:
         return Reference.elsewhere()
     ref.source, ref.dataset = f"{path} (arr_0[:{n}])", f"adm-{path.stem}"
     d = ref.features.shape[1]
