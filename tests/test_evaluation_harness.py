@@ -269,10 +269,13 @@ def _ddp_run(rank: int, world: int, port: int, out: str) -> None:
     all_reads = gen_mod.gather_to_zero(reads)
     metrics = ev.evaluate(pool_sampler(x, y, 4, noise=0.3), 4, 3, reference=ref,
                           out_dir=Path(out).parent / f"run{world}")
+    # samples made elsewhere against an ADM npz reference (rank 0 reads the file, all ranks extract)
+    ev2 = Evaluator(reference=str(Path(out).parent / "ref.npz"), batch_size=7, cache_dir="off", progress=False)
+    from_file = ev2.evaluate_samples(str(Path(out).parent / "ref.npz"))
     if rank == 0:
         images = np.load(ev.last_row["samples_npz"])["arr_0"]
         torch.save({"metrics": metrics, "reads": sorted(sum(all_reads, [])), "ref": ref.features,
-                    "images": torch.from_numpy(images)}, out)
+                    "images": torch.from_numpy(images), "from_file": from_file}, out)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -282,6 +285,7 @@ def test_two_processes_give_exactly_the_single_process_samples_and_reference(tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    _npz(tmp_path / "ref.npz", digits_split("train", 16)[0][:33])
     torch.multiprocessing.spawn(_ddp_run, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2)
     _ddp_run(0, 1, 0, str(tmp_path / "single.pt"))
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
@@ -292,6 +296,8 @@ def test_two_processes_give_exactly_the_single_process_samples_and_reference(tmp
     for k, v in single["metrics"].items():
         if k != "test/sec_per_image":
             assert ddp["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert ddp["from_file"]["test/fid"] == pytest.approx(single["from_file"]["test/fid"], abs=1e-6)
+    assert ddp["from_file"]["test/precision"] == single["from_file"]["test/precision"] == 1.0
 
 
 # ---------------------------------------------------------------------------- Lightning, CLI
