@@ -42,6 +42,8 @@ def evaluate_main(argv: list[str]) -> dict[str, float]:
     ap.add_argument("--split", default="train", help="split of the data config used as reference")
     ap.add_argument("--feature_extractor", default="digits-classifier")
     ap.add_argument("--weights_path", default=None, help="local weights of the feature extractor")
+    ap.add_argument("--extractor_kwargs", default=None,
+                    help='more extractor arguments as JSON, e.g. \'{"hub_dir": "/src/dinov2"}\' for dinov2')
     ap.add_argument("--num_reference", type=int, default=None)
     ap.add_argument("--protocol", default="adm", choices=["adm", "fp32"])
     ap.add_argument("--batch_size", type=int, default=100)
@@ -54,8 +56,13 @@ def evaluate_main(argv: list[str]) -> dict[str, float]:
     if not Path(args.samples).exists():
         raise GenmodelsError(f"--samples {args.samples}: no such file or folder")
     is_npz = args.reference.endswith(".npz")
-    ev = Evaluator(feature_extractor=args.feature_extractor,
-                   feature_extractor_kwargs={"weights_path": args.weights_path} if args.weights_path else None,
+    try:
+        kwargs = json.loads(args.extractor_kwargs) if args.extractor_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise GenmodelsError(f"--extractor_kwargs: not JSON ({e})") from e
+    if args.weights_path:
+        kwargs["weights_path"] = args.weights_path
+    ev = Evaluator(feature_extractor=args.feature_extractor, feature_extractor_kwargs=kwargs,
                    reference=args.reference if is_npz else args.split, num_reference=args.num_reference,
                    protocol=args.protocol, batch_size=args.batch_size, cache_dir=args.cache_dir,
                    results_file=args.results_file, name=args.name or Path(args.samples).stem, official=args.official,
