@@ -15,7 +15,7 @@ import torch
 
 from genmodels.errors import GenmodelsError
 from genmodels.evaluation import Evaluator, Reference, build_feature_extractor, inception_score, precision_recall
-from genmodels.evaluation.metrics import distance_block, feature_statistics, frechet_distance
+from genmodels.evaluation.metrics import distance_block, feature_statistics
 
 
 # ---------------------------------------------------------------------------- the numpy port of ADM

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from genmodels.data import DigitsDataModule
 from genmodels.evaluation import Evaluator, Rules, SamplingPlan, feature_statistics, frechet_distance, \

@@ -33,13 +33,12 @@ import numpy as np
 import torch
 
 from genmodels.errors import GenmodelsError
-from genmodels.evaluation.adm_export import nhwc_uint8_to_images, read_adm_npz, read_adm_npz_all, write_adm_npz
+from genmodels.evaluation.adm_export import read_adm_npz_all
 from genmodels.evaluation.features import FeatureExtractor
 from genmodels.evaluation.generation import broadcast_from_zero, dist_info, extract_images
 from genmodels.evaluation.metrics import feature_statistics
 
-__all__ = ["Reference", "cache_key", "default_cache_dir", "file_digest", "nhwc_uint8_to_images", "read_adm_npz",
-           "reference_from_dataset", "reference_from_npz", "write_adm_npz"]
+__all__ = ["Reference", "cache_key", "default_cache_dir", "file_digest", "reference_from_dataset", "reference_from_npz"]
 
 
 @dataclass
