@@ -19,7 +19,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -115,25 +114,12 @@ def load_generator_module(path: Path):
 
 
 def _evaluate(ev, module, datamodule) -> dict[str, float]:
-    """Run the harness outside a Trainer: a stand-in trainer gives it the data module (the
-    reference features of the digits train split, cached by the harness)."""
-    class _Trainer:
-        log_dir = tempfile.mkdtemp(prefix="mar_sampling_")  # the harness's per-run row goes here, not to cwd
-        ckpt_path = None
-
-    trainer = _Trainer()
-    trainer.datamodule = datamodule
-    return ev.evaluate(_ModuleView(module, trainer))
-
-
-class _ModuleView:
-    """A GeneratorModule seen with a stand-in trainer (the harness reads ``module._trainer``)."""
-
-    def __init__(self, module, trainer) -> None:
-        self._m, self._trainer = module, trainer
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
+    """Run the judge outside a Trainer: explicit inputs (the module's sample_block, the data
+    module for the train-split reference, cached by content)."""
+    module.evaluator = ev
+    return ev.evaluate(module.evaluation_sample_block(ev.batch_size), ev.batch_size,
+                       int(getattr(module.generator, "num_classes", 0) or 0) or 1, datamodule=datamodule,
+                       device=module.device)
 
 
 if __name__ == "__main__":

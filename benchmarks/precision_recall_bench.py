@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/precision_recall_bench.py                      # 50k x 50k x 2048, CPU
     .venv/bin/python benchmarks/precision_recall_bench.py --n_real 10000 --n_fake 10000
-    python benchmarks/precision_recall_bench.py --device cuda --chunk_size 16384
+    python benchmarks/precision_recall_bench.py --device cuda --chunk_size 10000 --arithmetic adm-fp16
 
 Random Gaussian features stand in for Inception pool_3 features (the cost does not depend
 on the values). Prints wall time, the three passes' share, and peak memory: CUDA
@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--n_fake", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--chunk_size", type=int, default=8192)
+    ap.add_argument("--chunk_size", type=int, default=10_000, help="block size (ADM: 10,000)")
+    ap.add_argument("--arithmetic", default="fp32", choices=["fp32", "adm-fp16"],
+                    help="distance blocks in float32, or ADM's float16 with a float32 fallback per block")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
@@ -50,18 +52,19 @@ def main() -> None:
     base_rss = rss_mb()
 
     t0 = time.perf_counter()
-    r_real = manifold_radii(real, args.k, args.chunk_size)
+    r_real = manifold_radii(real, args.k, args.chunk_size, arithmetic=args.arithmetic)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    precision, recall = precision_recall(real, fake, args.k, args.chunk_size, real_radii=r_real)
+    precision, recall = precision_recall(real, fake, args.k, args.chunk_size, real_radii=r_real,
+                                         arithmetic=args.arithmetic)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
 
     flops = 2 * args.dim * (args.n_real ** 2 + args.n_fake ** 2 + args.n_real * args.n_fake)
     print(f"precision/recall k={args.k}: {args.n_real} real x {args.n_fake} fake x {args.dim} dims, "
-          f"chunk {args.chunk_size}, device {dev}, threads {torch.get_num_threads()}")
+          f"chunk {args.chunk_size}, {args.arithmetic}, device {dev}, threads {torch.get_num_threads()}")
     print(f"  precision {precision:.4f}  recall {recall:.4f}")
     print(f"  time {t2 - t0:.1f} s  (real radii {t1 - t0:.1f} s, fake radii + cross pass {t2 - t1:.1f} s; "
           f"{flops / (t2 - t0) / 1e9:.0f} GFLOP/s on the distance matmuls)")

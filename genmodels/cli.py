@@ -60,10 +60,41 @@ class GenmodelsCLI(LightningCLI):
             print(f"genmodels: note: the config overrides these hyper-parameters of {ckpt_path}:\n"
                   + "\n".join(diffs), file=sys.stderr)
 
+    def test(self, model: Any, datamodule: Any = None, **kwargs: Any) -> Any:
+        """``genmodels test``: a generator with an evaluator is judged on its own samples, so the
+        test loop runs one placeholder batch (no data images are read) and the data module goes
+        to the judge explicitly (a split reference); the config files LightningCLI parsed name
+        the row."""
+        evaluator = getattr(model, "evaluator", None)
+        if evaluator is not None and evaluator.config_files is None:
+            evaluator.config_files = [str(p) for p in (self.config["test"].get("config") or [])]
+        if evaluator is None or not hasattr(model, "evaluation_sample_block"):
+            return self.trainer.test(model, datamodule=datamodule, **kwargs)
+        model.evaluation_datamodule = datamodule
+        placeholder = torch.utils.data.DataLoader([torch.zeros(())], batch_size=1)
+        return self.trainer.test(model, dataloaders=placeholder, **kwargs)
+
+
+def _evaluate_subcommand(argv: list[str]) -> None:
+    """``genmodels evaluate ...`` (genmodels/evaluation/cli.py): score samples made elsewhere."""
+    from genmodels.errors import GenmodelsError
+    from genmodels.evaluation.cli import evaluate_main
+
+    try:
+        evaluate_main(argv)
+    except (GenmodelsError, FileNotFoundError) as e:
+        if os.environ.get("GENMODELS_DEBUG"):
+            raise
+        print(f"genmodels: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
 
 def main(args: list[str] | None = None) -> None:
     from genmodels.training.quiet import silence_known_noise
     silence_known_noise()  # exact messages Lightning / torch print on every run (see genmodels/training/quiet.py)
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["evaluate"]:
+        return _evaluate_subcommand(argv[1:])
     try:
         GenmodelsCLI(
             model_class=None, subclass_mode_model=True,

@@ -17,6 +17,7 @@ import torch
 from genmodels.evaluation import (DigitsClassifierFeatures, InceptionFeatures, ModuleFeatures, build_feature_extractor,
                                   feature_statistics, frechet_distance, inception_score, manifold_radii,
                                   precision_recall)
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation.digits_classifier import load_digits_classifier, weights_metadata
 
 
@@ -214,7 +215,7 @@ def test_statistics_do_not_depend_on_extraction_batch_size(digits):
 @pytest.mark.skipif("torch_fidelity" in sys.modules or __import__("importlib").util.find_spec("torch_fidelity")
                     is not None, reason="torch-fidelity is installed")
 def test_inception_without_torch_fidelity_says_how_to_install():
-    with pytest.raises(ImportError, match=r"pip install 'genmodels\[fidelity\]'"):
+    with pytest.raises(GenmodelsError, match=r"pip install 'genmodels\[fidelity\]'"):
         build_feature_extractor("inception")
 
 
@@ -258,7 +259,7 @@ def test_module_features_by_class_path_and_errors():
     f, lg = ex(x)
     assert lg is None and f.shape == (2, 48)
     torch.testing.assert_close(f, ((x + 1) / 2).flatten(1))
-    with pytest.raises(ValueError, match="unknown feature_extractor"):
+    with pytest.raises(GenmodelsError, match="unknown feature_extractor"):
         build_feature_extractor("vgg")
     with pytest.raises(ImportError, match="no class"):
         build_feature_extractor("torch.nn.NoSuchNet")

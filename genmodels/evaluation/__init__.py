@@ -1,21 +1,32 @@
 """The judge: one harness for every paradigm (DESIGN.md, "Evaluation").
 
-``Evaluator`` generates N class-balanced samples, extracts features with a pluggable
-network (``digits-classifier``, ``inception``, or any module) and computes FID, IS,
-precision and recall against cached reference features (or an ADM reference batch),
-then writes a results row. See ``evaluator.py`` for the protocol.
+Split by job:
+
+* ``reference.py``  -- resolve the reference (ADM ``.npz`` or a data split), compute it once,
+  cache it keyed by content;
+* ``generation.py`` -- the sampling plan (fixed class order, round-robin blocks over ranks),
+  generation + feature extraction, the one gather;
+* ``features.py``   -- feature extractors (digits classifier, Inception + sFID features, DINOv2);
+* ``metrics.py``    -- FID, sFID, IS, precision / recall (ADM arithmetic);
+* ``protocol.py``   -- the rules behind each number, comparability with the papers;
+* ``results.py``    -- results rows (``.jsonl`` + ``.csv``);
+* ``adm_export.py`` -- the ADM ``.npz`` format, image folders;
+* ``evaluator.py``  -- ``Evaluator``: the settings and entry points tying them together.
 """
-from genmodels.evaluation.evaluator import Evaluator, FeatureBank, config_files_from_argv
-from genmodels.evaluation.features import (DigitsClassifierFeatures, FeatureExtractor, InceptionFeatures,
-                                           ModuleFeatures, build_feature_extractor)
+from genmodels.evaluation.adm_export import read_adm_npz, write_adm_npz
+from genmodels.evaluation.evaluator import Evaluator
+from genmodels.evaluation.features import (DigitsClassifierFeatures, DINOv2Features, Extracted, FeatureExtractor,
+                                           InceptionFeatures, ModuleFeatures, build_feature_extractor)
+from genmodels.evaluation.generation import SamplingPlan, block_seed, generate_and_extract
 from genmodels.evaluation.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
                                           precision_recall)
-from genmodels.evaluation.reference import Reference, read_adm_npz, write_adm_npz
+from genmodels.evaluation.protocol import Rules, paper_protocol_gaps
+from genmodels.evaluation.reference import Reference
 from genmodels.evaluation.results import append_results_row, read_rows
 
 __all__ = [
-    "DigitsClassifierFeatures", "Evaluator", "FeatureBank", "FeatureExtractor", "InceptionFeatures", "ModuleFeatures",
-    "Reference", "append_results_row", "build_feature_extractor", "config_files_from_argv", "feature_statistics",
-    "frechet_distance", "inception_score", "manifold_radii", "precision_recall", "read_adm_npz", "read_rows",
-    "write_adm_npz",
+    "DINOv2Features", "DigitsClassifierFeatures", "Evaluator", "Extracted", "FeatureExtractor", "InceptionFeatures",
+    "ModuleFeatures", "Reference", "Rules", "SamplingPlan", "append_results_row", "block_seed",
+    "build_feature_extractor", "feature_statistics", "frechet_distance", "generate_and_extract", "inception_score",
+    "manifold_radii", "paper_protocol_gaps", "precision_recall", "read_adm_npz", "read_rows", "write_adm_npz",
 ]

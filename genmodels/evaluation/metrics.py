@@ -7,9 +7,10 @@ numbers of VAR, MAR, TiTok and FractalGen:
 
 * FID (Heusel et al. 2017): ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with
   ``np.mean`` / ``np.cov`` statistics (unbiased, N - 1).
-* IS (Salimans et al. 2016): ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` consecutive
-  chunks, mean (and std) over chunks; with 50,000 samples and 10 splits this is ADM's
-  ``compute_inception_score`` (split_size 5000, no shuffling).
+* IS (Salimans et al. 2016): ``exp(E_x KL(p(y|x) || p(y)))`` over consecutive chunks, mean
+  (and std) over chunks. ADM's rule is a fixed *split size* of 5,000 (``range(0, N, 5000)``,
+  the last chunk may be shorter, no shuffling); ``splits=10`` equal chunks is the other named
+  rule (equal to ADM's at N = 50,000 only).
 * precision / recall (Kynkaenniemi et al. 2019, k = 3): a sample is "in" a set's manifold
   if it lies within the k-th-nearest-neighbour radius of some point of the set; precision =
   fraction of generated samples in the real manifold, recall = fraction of real samples in
@@ -25,12 +26,26 @@ the reference cache), so we keep them and compute the distance here. The matrix 
 root is eigen-based and symmetric: ``tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``
 with ``S1^(1/2)`` from ``eigh`` (negative round-off eigenvalues clamped to 0); it agrees
 with ADM's ``scipy.linalg.sqrtm`` route (tested) and never produces complex parts.
-Precision/recall distances are squared Euclidean in float32 by default (ADM tries float16
-first and falls back to float32), computed block by block so memory stays bounded.
+Precision/recall distances are squared Euclidean, computed block by block so memory stays
+bounded, in one of two named arithmetics (``PR_ARITHMETICS``):
+
+* ``"adm-fp16"`` (the ADM protocol): each distance block is computed in float16
+  (``max(|u|^2 - 2 u.v + |v|^2, 0)``, every operation rounded to float16, products summed in
+  float32) and used as float32; a block that is not finite (float16 overflow) is recomputed in
+  float32. Blocks are 10,000 x 10,000 (ADM's ``row_batch_size`` / ``col_batch_size``), so the
+  fallback happens for the same blocks as in ADM. Published precision/recall come from this
+  path (Inception pool_3 features never overflow float16).
+* ``"fp32"``: every block in float32.
+
+sFID (Nash et al. 2021, as ADM computes it) is the Fréchet distance of *spatial* features:
+the first 7 channels of Inception's ``mixed_6/conv`` (17 x 17 x 7, flattened channels-last,
+2,023-d); the extractor provides them (``features.py``), the maths is ``frechet_distance``.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -80,22 +95,41 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 # ---------------------------------------------------------------------------- IS
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (mean, std over ``splits`` consecutive chunks) from logits (N, K).
+ADM_IS_SPLIT_SIZE = 5000
 
-    Chunk ``i`` is rows ``[i N // splits, (i + 1) N // splits)``; no shuffling, so order
-    the samples so that every chunk is class-balanced (``balanced_labels`` does).
+
+def is_rule_name(split_size: int | None = None, splits: int | None = None) -> str:
+    """How IS was split, for results rows: ``"split_size=5000"`` or ``"splits=10"``."""
+    return f"split_size={split_size}" if split_size else f"splits={splits}"
+
+
+def inception_score(logits: torch.Tensor, splits: int | None = 10, split_size: int | None = None,
+                    ) -> tuple[float, float]:
+    """Inception Score (mean, std over chunks) from logits (N, K).
+
+    ``split_size`` (ADM: 5000): chunks ``[i, i + split_size)`` for ``i`` in
+    ``range(0, N, split_size)`` (the last may be shorter). Otherwise ``splits`` equal chunks,
+    chunk ``i`` = rows ``[i N // splits, (i + 1) N // splits)``. No shuffling: order the
+    samples so that every chunk is class-balanced (the judge's class order does).
     """
     logits = torch.as_tensor(logits)
     if logits.ndim != 2:
         raise ValueError(f"inception_score needs logits (N, K), got shape {tuple(logits.shape)}")
     n = logits.shape[0]
-    if n < splits:
-        raise ValueError(f"inception_score: {n} samples cannot be cut into {splits} splits")
+    if split_size is not None:
+        if split_size < 1:
+            raise ValueError(f"inception_score: split_size must be >= 1, got {split_size}")
+        bounds = [(i, min(n, i + split_size)) for i in range(0, n, split_size)]
+    else:
+        if not splits or n < splits:
+            raise ValueError(f"inception_score: {n} samples cannot be cut into {splits} splits")
+        bounds = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+    if n < 1:
+        raise ValueError("inception_score: no samples")
     log_p = torch.log_softmax(logits.double(), dim=1)
     scores = []
-    for i in range(splits):
-        lp = log_p[i * n // splits:(i + 1) * n // splits]
+    for s, e in bounds:
+        lp = log_p[s:e]
         log_py = torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])  # log of the marginal p(y)
         kl = (lp.exp() * (lp - log_py)).sum(1).mean()
         scores.append(float(kl.exp()))
@@ -103,55 +137,111 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 
 # ---------------------------------------------------------------------------- precision / recall
+PR_ARITHMETICS = ("adm-fp16", "fp32")
+ADM_PR_BLOCK = 10_000  # ADM ManifoldEstimator row_batch_size = col_batch_size
+
+
+@contextmanager
+def _exact_cuda_matmul() -> Iterator[None]:
+    """Full-precision accumulation for the distance matmuls (no TF32, no reduced-precision
+    fp16 split-K reductions), restored afterwards."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction)
+    m.allow_tf32, m.allow_fp16_reduced_precision_reduction = False, False
+    try:
+        yield
+    finally:
+        m.allow_tf32, m.allow_fp16_reduced_precision_reduction = saved
+
+
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (len(a), len(b)), clamped at 0 (ADM ``_batch_pairwise_distances``)."""
-    d = (a * a).sum(1, keepdim=True) - 2 * (a @ b.T) + (b * b).sum(1)[None]
-    return d.clamp_min_(0)
+    """``max(|a|^2 - 2 a b^T + |b|^2, 0)`` (len(a), len(b)) in the dtype of ``a`` / ``b``, each
+    operation rounded to that dtype (ADM ``_batch_pairwise_distances``)."""
+    norm_a = (a * a).sum(1, keepdim=True)
+    norm_b = (b * b).sum(1)[None]
+    return (norm_a - 2 * (a @ b.T) + norm_b).clamp_min_(0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 8192,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def distance_block(a: torch.Tensor, b: torch.Tensor, arithmetic: str = "fp32") -> torch.Tensor:
+    """Squared distances of one block, float32 (ADM ``DistanceBlock``): ``"adm-fp16"`` computes
+    it in float16 and falls back to float32 when the float16 block is not finite."""
+    if arithmetic == "adm-fp16":
+        d16 = _sq_dists(a.half(), b.half())
+        if bool(torch.isfinite(d16).all()):
+            return d16.float()
+    elif arithmetic != "fp32":
+        raise ValueError(f"unknown precision/recall arithmetic {arithmetic!r}; use one of {PR_ARITHMETICS}")
+    return _sq_dists(a.float(), b.float())
+
+
+def _arithmetic(dtype: torch.dtype | None, arithmetic: str | None) -> str:
+    if arithmetic is not None:
+        return arithmetic
+    return "adm-fp16" if dtype == torch.float16 else "fp32"
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, chunk_size: int = ADM_PR_BLOCK,
+                   dtype: torch.dtype | None = None, arithmetic: str | None = None) -> torch.Tensor:
     """Squared distance of every point to its k-th nearest neighbour in the same set (N,)
-    (the point itself counts as the 0-th neighbour, as in ADM). Blocks of
-    ``chunk_size x chunk_size`` distances keep memory at O(chunk_size^2)."""
-    x = torch.as_tensor(features).to(dtype)
+    float32 (the point itself counts as the 0-th neighbour, as in ADM). Distances come in
+    ``chunk_size x chunk_size`` blocks (``distance_block``); the k + 1 smallest per row are
+    merged across blocks, which selects the same value as ADM's partition of the full row.
+    ``dtype=torch.float64`` computes everything in float64 (tests)."""
+    x = torch.as_tensor(features)
     n = x.shape[0]
     if n <= k:
         raise ValueError(f"manifold_radii: {n} points cannot have a {k}-th nearest neighbour")
-    radii = torch.empty(n, dtype=dtype, device=x.device)
-    for i in range(0, n, chunk_size):
-        rows = x[i:i + chunk_size]
-        best = None  # the k + 1 smallest distances seen so far, per row
-        for j in range(0, n, chunk_size):
-            d = _sq_dists(rows, x[j:j + chunk_size])
-            if best is not None:
-                d = torch.cat([best, d], dim=1)
-            best = torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False, sorted=True).values
-        radii[i:i + chunk_size] = best[:, k]
+    arith = _arithmetic(dtype, arithmetic)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    radii = torch.empty(n, dtype=out_dtype, device=x.device)
+    with _exact_cuda_matmul():
+        for i in range(0, n, chunk_size):
+            rows = x[i:i + chunk_size]
+            best = None  # the k + 1 smallest distances seen so far, per row
+            for j in range(0, n, chunk_size):
+                cols = x[j:j + chunk_size]
+                d = _sq_dists(rows.double(), cols.double()) if out_dtype == torch.float64 else \
+                    distance_block(rows, cols, arith)
+                if best is not None:
+                    d = torch.cat([best, d], dim=1)
+                best = torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False, sorted=True).values
+            radii[i:i + chunk_size] = best[:, k]
     return radii
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk_size: int = 8192,
-                     dtype: torch.dtype = torch.float32, real_radii: torch.Tensor | None = None,
-                     ) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk_size: int = ADM_PR_BLOCK,
+                     dtype: torch.dtype | None = None, real_radii: torch.Tensor | None = None,
+                     arithmetic: str | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaenniemi et al. 2019) of ``fake`` (M, D) against
-    ``real`` (N, D) with k-NN manifolds. Peak extra memory ~ 3 chunk_size^2 elements.
+    ``real`` (N, D) with k-NN manifolds, as ADM's ``ManifoldEstimator.evaluate_pr``: rows are
+    blocks of the real set, columns blocks of the samples; a sample is in the real manifold
+    when ``d <= radius`` of some real point (precision), a real point is in the sample manifold
+    when ``d <= radius`` of some sample (recall); comparisons in float32.
 
-    ``real_radii`` (N,) may be passed to reuse the reference manifold (it only depends on
-    the real features).
+    ``arithmetic``: ``"adm-fp16"`` or ``"fp32"`` (module doc); ``dtype=torch.float16`` is the
+    old spelling of ``"adm-fp16"``, ``torch.float64`` computes everything in float64.
+    ``real_radii`` (N,) reuses the reference manifold (it only depends on the real features
+    and the arithmetic). Peak extra memory ~ 3 chunk_size^2 elements.
     """
-    real = torch.as_tensor(real).to(dtype)
-    fake = torch.as_tensor(fake).to(dtype=dtype, device=real.device)
+    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
+    fake = fake.to(real.device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall: features must be (N, D) with equal D, got {tuple(real.shape)} "
                          f"and {tuple(fake.shape)}")
-    r_real = manifold_radii(real, k, chunk_size, dtype) if real_radii is None else real_radii.to(real)
-    r_fake = manifold_radii(fake, k, chunk_size, dtype)
+    arith = _arithmetic(dtype, arithmetic)
+    f64 = dtype == torch.float64
+    r_real = manifold_radii(real, k, chunk_size, dtype, arith) if real_radii is None else real_radii.to(real.device)
+    r_fake = manifold_radii(fake, k, chunk_size, dtype, arith)
     real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)  # -> recall
     fake_in = torch.zeros(len(fake), dtype=torch.bool, device=real.device)  # -> precision
-    for i in range(0, len(real), chunk_size):
-        for j in range(0, len(fake), chunk_size):
-            d = _sq_dists(real[i:i + chunk_size], fake[j:j + chunk_size])
-            real_in[i:i + chunk_size] |= (d <= r_fake[None, j:j + chunk_size]).any(1)
-            fake_in[j:j + chunk_size] |= (d <= r_real[i:i + chunk_size, None]).any(0)
+    with _exact_cuda_matmul():
+        for i in range(0, len(real), chunk_size):
+            for j in range(0, len(fake), chunk_size):
+                a, b = real[i:i + chunk_size], fake[j:j + chunk_size]
+                d = _sq_dists(a.double(), b.double()) if f64 else distance_block(a, b, arith)
+                real_in[i:i + chunk_size] |= (d <= r_fake[None, j:j + chunk_size]).any(1)
+                fake_in[j:j + chunk_size] |= (d <= r_real[i:i + chunk_size, None]).any(0)
     return float(fake_in.double().mean()), float(real_in.double().mean())

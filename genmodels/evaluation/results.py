@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 # CSV columns, in order (nested values -> JSON strings, lists -> ';'-joined).
 CSV_COLUMNS = [
     "name", "kind", "model", "tokenizer", "params_generator", "params_tokenizer", "sampling", "num_samples",
-    "feature_extractor", "reference", "num_reference", "fid", "is", "is_std", "precision", "recall",
-    "sec_per_image", "batch_size", "device", "world_size", "seed", "dataset", "official", "time", "ckpt_path",
-    "config_files",
+    "feature_extractor", "reference", "num_reference", "fid", "sfid", "is", "is_std", "precision", "recall",
+    "comparable_with_papers", "not_comparable", "is_rule", "pr_arithmetic", "nhood_size", "sec_per_image",
+    "batch_size", "device", "world_size", "seed", "dataset", "official", "time", "ckpt_path", "config_files",
 ]
 
 
@@ -64,3 +66,24 @@ def append_results_row(row: dict[str, Any], path: str | Path) -> Path:
         f.write(json.dumps(row, default=str) + "\n")
     write_csv(read_rows(path), path.with_suffix(".csv"))
     return path
+
+
+def count_params(module: Any) -> int | None:
+    return sum(p.numel() for p in module.parameters()) if isinstance(module, nn.Module) else None
+
+
+def name_from_configs(config_files: list[str]) -> str | None:
+    """Stem of the last config file that is not a data or evaluation config (the experiment)."""
+    def is_aux(f: str) -> bool:
+        p = Path(f)
+        return bool({"data", "evaluation", "eval"} & set(p.parts[:-1])) or "eval" in p.stem
+    picks = [f for f in config_files if not is_aux(f)] or config_files
+    return Path(picks[-1]).stem if picks else None
+
+
+def model_metadata(generator: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """The model fields of a row: class names, parameter counts, configs."""
+    return {"model": type(generator).__name__ if generator is not None else None,
+            "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+            "params_generator": count_params(generator), "params_tokenizer": count_params(tokenizer),
+            "generator_config": getattr(generator, "config", None), "tokenizer_config": getattr(tokenizer, "config", None)}

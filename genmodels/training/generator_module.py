@@ -10,7 +10,7 @@ the maths lives in the generator.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
 from genmodels.evaluation import Evaluator
+from genmodels.evaluation.features import to_uint8_nchw
+from genmodels.evaluation.generation import block_seed
+from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
@@ -128,22 +131,36 @@ class GeneratorModule(LightningModule):
         return save_grid(images, path, nrow=k, scale=2)
 
     # ------------------------------------------------------------------ evaluation (genmodels test)
-    def on_test_epoch_start(self) -> None:
-        if self.evaluator is not None:  # load / compute / cache the reference before the test batches
-            self.evaluator.begin(self)
+    def evaluation_sample_block(self, block_size: int) -> Callable[[int, int], torch.Tensor]:
+        """The judge's ``sample_block(class_id, block) -> uint8 (S, 3, H, W)``: S samples of one
+        class seeded by ``block_seed(evaluator.seed, class_id, block)``, with the evaluator's
+        ``sample_kwargs`` over the module's. (Adapter until ``Pipeline.sample_block`` exists.)"""
+        seed, overrides = self.evaluator.seed, dict(self.evaluator.sample_kwargs)
+
+        def sample_block(class_id: int, block: int) -> torch.Tensor:
+            labels = torch.full((block_size,), class_id, dtype=torch.long, device=self.device)
+            g = torch.Generator(device=self.device).manual_seed(block_seed(seed, class_id, block))
+            return to_uint8_nchw(self.sample_images(labels, generator=g, **overrides))
+        return sample_block
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        if self.evaluator is None:  # without an evaluator: the test loss only
-            torch.manual_seed(batch_idx)
-            tokens, labels = self.tokens_and_labels(batch)
-            self.log("test/loss", self.generator.forward_loss(tokens, labels)["loss"], sync_dist=True)
+        if self.evaluator is not None:  # the judge generates its own samples: test batches are not used
             return
-        if not isinstance(batch, dict):  # real images (cached-latent batches carry none); a no-op once cached
-            self.evaluator.update_real(batch[0], batch[1])
+        torch.manual_seed(batch_idx)
+        tokens, labels = self.tokens_and_labels(batch)
+        self.log("test/loss", self.generator.forward_loss(tokens, labels)["loss"], sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        if self.evaluator is not None:
-            self.log_dict(self.evaluator.evaluate(self), sync_dist=False)
+        if self.evaluator is None:
+            return
+        ev, trainer = self.evaluator, self.trainer
+        metadata = {**model_metadata(self.generator, self.tokenizer), "sampling": dict(self.sample_kwargs),
+                    "ckpt_path": trainer.ckpt_path, "config_saved": str(run_dir(trainer) / "config.yaml")}
+        metrics = ev.evaluate(self.evaluation_sample_block(ev.batch_size), ev.batch_size,
+                              num_classes=int(getattr(self.generator, "num_classes", 0) or 0) or 1,
+                              datamodule=trainer.datamodule or getattr(self, "evaluation_datamodule", None),
+                              metadata=metadata, out_dir=run_dir(trainer), device=self.device)
+        self.log_dict(metrics, sync_dist=False)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         labels, indices = batch

@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from genmodels.evaluation import Evaluator
+from genmodels.evaluation.results import model_metadata
 from genmodels.losses.gan import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
@@ -148,7 +149,14 @@ class TokenizerModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         if self.evaluator is not None:  # reconstruction FID / IS / precision / recall + a results row
-            self.log_dict(self.evaluator.evaluate_reconstructions(self), sync_dist=False)
+            ev, tok, dm = self.evaluator, self.tokenizer, self.trainer.datamodule
+            split = "test" if ev.reference_spec.endswith(".npz") else ev.reference_spec
+            if dm is None or not hasattr(dm, "reference_dataset"):
+                raise ValueError("TokenizerModule evaluation needs a data module with reference_dataset(split)")
+            self.log_dict(ev.evaluate_reconstructions(
+                lambda x: tok.decode(tok.encode(x)), dm.reference_dataset(split), datamodule=dm,
+                metadata={**model_metadata(None, tok), "ckpt_path": self.trainer.ckpt_path},
+                out_dir=run_dir(self.trainer), device=self.device), sync_dist=False)
 
     def grid_dir(self) -> Path:
         return run_dir(self.trainer) / "samples"

@@ -10,15 +10,10 @@ def run_dir(trainer: Any) -> Path:
 
     ``Trainer.log_dir`` broadcasts from rank 0, so calling it on one rank only (as code
     that writes files on rank 0 does) deadlocks under DDP; this reads the same folder
-    locally on any rank.
+    locally on any rank. Without a logger: the trainer's ``default_root_dir``.
     """
-    if trainer is None:
-        return Path(".")
-    loggers = getattr(trainer, "loggers", None) or []
+    loggers = trainer.loggers
     if loggers:
         log_dir = getattr(loggers[0], "log_dir", None)
         return Path(log_dir if log_dir is not None else loggers[0].save_dir)
-    if hasattr(trainer, "strategy"):  # a Lightning Trainer without a logger
-        return Path(trainer.default_root_dir)
-    # a stand-in object (tests, scripts): its own log_dir / default_root_dir
-    return Path(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or ".")
+    return Path(trainer.default_root_dir)
