@@ -4,6 +4,7 @@ ADM files, ``genmodels test`` / ``genmodels evaluate``, DDP (2 gloo processes) =
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_judge_scores_writes_a_row_naming_its_rules_and_reuses_the_content_cache
               results_file=str(tmp_path / "results" / "rows.jsonl"), config_files=["configs/x/digits_fake.yaml"])
     good = Evaluator(**kw).evaluate(pool_sampler(x, y, 32), 32, 10, datamodule=dm, out_dir=tmp_path / "run")
     err = capsys.readouterr().err
-    assert "sampling + features 200/200 (100%)" in err and "s/img" in err and "left" in err  # progress (rank 0)
+    assert "sampling + features: 100%" in err and "200/200" in err and "s/img" in err  # progress (rank 0)
+    assert re.search(r"\[\d+:\d+<\d+:\d+, [\d.e-]+s/img\]", err)  # elapsed<time left, s/img
     bad = Evaluator(**kw).evaluate(pool_sampler(x, y, 32, noise=0.5), 32, 10, datamodule=dm)
     print(f"pool of real test digits: {good}\nhalf noise: {bad}")
     assert good["test/fid"] < 25 and bad["test/fid"] > 8 * good["test/fid"]

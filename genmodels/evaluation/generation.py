@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from genmodels.evaluation.features import Extracted, FeatureExtractor
-from genmodels.evaluation.progress import Progress
+from genmodels.utils.progress import progress as progress_bar
 
 SampleBlock = Callable[[int, int], torch.Tensor]
 
@@ -157,7 +157,7 @@ def generate_and_extract(sample_block: SampleBlock, plan: SamplingPlan, extracto
            if autocast else nullcontext())
     n_c = plan.per_class
     mine = plan.blocks_of(rank, world)
-    bar = Progress("sampling + features", plan.num_samples, enabled=progress and rank == 0)
+    bar = progress_bar(plan.num_samples, "sampling + features", enabled=progress and rank == 0)
     results: dict[tuple[int, int], tuple[Extracted, np.ndarray | None]] = {}
     seconds = 0.0
     for c, b in mine:
@@ -176,6 +176,7 @@ def generate_and_extract(sample_block: SampleBlock, plan: SamplingPlan, extracto
         out = extract(extractor, images)
         results[(c, b)] = (out, images.permute(0, 2, 3, 1).cpu().numpy() if keep_images else None)
         bar.update(keep * world)
+    bar.close()
     gathered = gather_to_zero((results, seconds))
     if gathered is None:
         return None
@@ -214,7 +215,7 @@ def extract_images(images: Any, extractor: FeatureExtractor, num: int | None = N
     extractor.to(device)
     n = len(images) if num is None else min(int(num), len(images))
     starts = list(range(0, n, batch_size))
-    bar = Progress(what, n, enabled=progress and rank == 0)
+    bar = progress_bar(n, what, enabled=progress and rank == 0)
     results: dict[int, Extracted] = {}
     for s in starts[rank::world]:
         e = min(n, s + batch_size)
@@ -230,6 +231,7 @@ def extract_images(images: Any, extractor: FeatureExtractor, num: int | None = N
             x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         results[s] = extract(extractor, x)
         bar.update((e - s) * world)
+    bar.close()
     gathered = gather_to_zero(results)
     if gathered is None:
         return None
