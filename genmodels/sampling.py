@@ -45,15 +45,16 @@ def guidance_weight(cfg: float, schedule: str = "constant", progress: float = 1.
 GUIDANCE_FORMS = ("uncond", "cond", "var")
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float, form: str = "uncond") -> torch.Tensor:
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor, form: str = "uncond") -> torch.Tensor:
     """``uncond + w * (cond - uncond)``; w = 1 returns ``cond`` itself.
 
     ``form`` only chooses the float arithmetic of the same quantity, so that each paper's
     parity test is seed-exact: ``uncond`` ``uncond + w (cond - uncond)`` (MAR, MDT/TiTok
     power-cosine), ``cond`` ``cond + (w - 1)(cond - uncond)`` (MUSE/TiTok constant and
     linear), ``var`` ``w cond - (w - 1) uncond`` (VAR's ``(1 + t) cond - t uncond``).
+    ``w`` may be a tensor broadcasting against ``cond`` (e.g. one weight per row).
     """
-    if w == 1.0:
+    if not torch.is_tensor(w) and w == 1.0:
         return cond
     if form == "uncond":
         return uncond + w * (cond - uncond)
