@@ -244,6 +244,20 @@ def test_load_after_the_tokenizer_file_is_gone(tmp_path, name, ema):
     if ema:  # ema=False gives the raw weights, which differ from the EMA ones
         raw = genmodels.load(ckpt, ema=False).generator.state_dict()
         assert any(not torch.equal(v, raw[k]) for k, v in pipe.generator.state_dict().items())
+    # `genmodels sample` over the same pipeline: the same images as sample_classes
+    from genmodels.cli import main
+
+    main(["sample", "--ckpt", str(ckpt), "--classes", "2,0", "--num", "3", "--block-size", "2", "--device", "cpu",
+          "--out", str(tmp_path / "s.npz")] + ([] if ema else ["--no-ema"]))
+    arr = np.load(tmp_path / "s.npz")
+    images, labels = pipe.sample_classes([2, 0], 3, seed=0, block_size=2)
+    np.testing.assert_array_equal(arr["arr_0"], images.permute(0, 2, 3, 1).numpy())
+    assert arr["arr_1"].tolist() == labels.tolist() == [2, 2, 2, 0, 0, 0]
+    main(["sample", "--ckpt", str(ckpt), "--classes", "1", "--num", "2", "--out", str(tmp_path / "g.png"),
+          "--set", "cfg=1.0", "--device", "cpu"])
+    assert (tmp_path / "g.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(ckpt), "--classes", "7", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
 
 
 def test_load_refuses_other_files(tmp_path):
