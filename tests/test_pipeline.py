@@ -319,3 +319,32 @@ def test_write_adm_npz_is_the_one_writer(tmp_path):
     assert a["arr_0"].shape == (2, 4, 5, 3) and a["arr_0"].dtype == np.uint8 and a["arr_1"].tolist() == [3, 4]
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     assert "arr_1" not in b
+
+
+def test_generator_module_predict_follows_the_seeding_rule(pipes, tmp_path):
+    """`genmodels predict`'s path (GeneratorModule.predict_step over the data module's
+    (labels, indices) batches, any batch size) gives, for each class, exactly the first n
+    samples of sample_classes -- the images of the grid and of the test path."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genmodels.data.base import balanced_labels
+    from genmodels.training import GeneratorModule
+
+    p = pipe_of(pipes, "causal_ar")
+    module = GeneratorModule(generator=p.generator, tokenizer=p.tokenizer, ema_decay=None, seed=4,
+                             sample_kwargs={"cfg": 2.0}, sample_block_size=2)
+    n = 7  # classes 0, 1, 2 get 3, 2, 2 samples
+    data = TensorDataset(balanced_labels(n, C), torch.arange(n))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), callbacks=[])
+    out = trainer.predict(module, DataLoader(data, batch_size=3))
+    images = torch.cat([o["images"] for o in out])
+    labels, j = torch.cat([o["labels"] for o in out]), torch.cat([o["class_index"] for o in out])
+    assert sorted(labels.tolist()) == sorted(balanced_labels(n, C).tolist())
+    for c, count in ((0, 3), (1, 2), (2, 2)):
+        want, _ = p.sample_classes([c], count, seed=4, block_size=2, cfg=2.0)
+        got = images[labels == c][j[labels == c].argsort()]
+        assert torch.equal(((got + 1) * 127.5).round().to(torch.uint8), want)
+    npz = list(tmp_path.glob("**/predictions/samples_7x16x16x3.npz"))
+    assert len(npz) == 1 and np.load(npz[0])["arr_1"].tolist() == labels.tolist()

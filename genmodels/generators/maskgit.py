@@ -169,14 +169,15 @@ class MaskGIT(Generator):
                   mask_schedule="arccos", label_smoothing=0.1, unmasked_weight=0.1)
         return cls(**{**kw, **overrides})
 
-    #: sampling settings of the official releases (``sample(labels, **SAMPLE_PRESETS[name])``).
-    #: TiTok: configs/infer/TiTok/*.yaml + sample_imagenet_titok.py (softmax annealing on);
-    #: official ``guidance_scale`` g (constant / linear) is ``cfg = 1 + g`` here.
+    #: sampling settings of the official releases (``sample(labels, **SAMPLE_PRESETS[name])``), in
+    #: our convention. TiTok: configs/infer/TiTok/*.yaml + sample_imagenet_titok.py (softmax
+    #: annealing on); its ``guidance_scale`` g maps through ``sampling.from_titok_guidance``
+    #: (paper: l32 g=4.5, b64 g=3.0, guidance_decay linear; randomize_temperature 9.5 / 11.0).
     SAMPLE_PRESETS = {
         "maskgit-paper": dict(cfg=1.0, num_steps=8, choice_temperature=4.5, decoding="maskgit"),
-        "titok-l32": dict(cfg=5.5, guidance_schedule="linear", choice_temperature=9.5, num_steps=8,
+        "titok-l32": dict(**sampling.from_titok_guidance(4.5, "linear"), choice_temperature=9.5, num_steps=8,
                           softmax_temperature_annealing=True, decoding="titok"),
-        "titok-b64": dict(cfg=4.0, guidance_schedule="linear", choice_temperature=11.0, num_steps=8,
+        "titok-b64": dict(**sampling.from_titok_guidance(3.0, "linear"), choice_temperature=11.0, num_steps=8,
                           softmax_temperature_annealing=True, decoding="titok"),
     }
 

@@ -171,8 +171,10 @@ class GeneratorModule(LightningModule):
         regenerate blocks it shares with other ranks: same images, more compute)."""
         loader = self.trainer.predict_dataloaders
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        labels = torch.cat([b[0].reshape(-1).long() for b in loader]) if loader is not None else torch.zeros(0)
-        counts = torch.bincount(labels, minlength=1).tolist() if labels.numel() else []
+        ds = loader.dataset  # the whole set (not this rank's share): every rank gets the same enumeration
+        labels = ds.tensors[0] if hasattr(ds, "tensors") else torch.as_tensor([int(ds[i][0]) for i in range(len(ds))])
+        labels = labels.reshape(-1).long()
+        counts = torch.bincount(labels).tolist() if labels.numel() else []
         S = self.hparams.sample_block_size
         order = []
         for b in range((max(counts, default=0) + S - 1) // S):
