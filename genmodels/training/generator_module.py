@@ -13,10 +13,9 @@ the same image in all three. Checkpoints hold the tokenizer's config and weights
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
-
-import functools
 
 import numpy as np
 import torch
