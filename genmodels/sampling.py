@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from genmodels.errors import GenmodelsError
+
 GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
 
 
@@ -39,7 +41,7 @@ def guidance_weight(cfg: float, schedule: str = "constant", progress: float = 1.
         return 1.0 + (cfg - 1.0) * progress
     if schedule == "power-cosine":
         return 1.0 + (cfg - 1.0) * (1.0 - math.cos(math.pi * progress ** power)) / 2.0
-    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+    raise GenmodelsError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
 
 
 GUIDANCE_FORMS = ("uncond", "cond", "var")
@@ -68,7 +70,7 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor, for
 def check_schedule(schedule: str) -> str:
     """Return ``schedule`` if it is a known guidance schedule, else raise naming the knob."""
     if schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+        raise GenmodelsError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
     return schedule
 
 
@@ -104,7 +106,7 @@ def from_mar_temperature(temperature: float) -> float:
     that every paper knob has its one mapping function. For MAR's cross-entropy head
     (discrete tokens) temperature divides the logits, as everywhere else."""
     if temperature < 0:
-        raise ValueError(f"MAR temperature must be >= 0, got {temperature}")
+        raise GenmodelsError(f"MAR temperature must be >= 0, got {temperature}")
     return float(temperature)
 
 
@@ -119,21 +121,21 @@ def from_titok_guidance(guidance_scale: float, guidance_decay: str = "constant")
 def from_fractal_temperature(temperature: float) -> float:
     """FractalGen's PixelLoss temperature multiplies the logits; ours divides them."""
     if temperature <= 0:
-        raise ValueError(f"FractalGen temperature must be > 0, got {temperature}")
+        raise GenmodelsError(f"FractalGen temperature must be > 0, got {temperature}")
     return 1.0 / temperature
 
 
 # ----------------------------------------------------------------------- filtering
 def check_knobs(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg: float = 1.0) -> None:
-    """Raise a ValueError naming the knob if it is outside its range."""
+    """Raise a ``GenmodelsError`` (a ValueError) naming the knob if it is outside its range."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise GenmodelsError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or int(top_k) != top_k:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+        raise GenmodelsError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise GenmodelsError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if not math.isfinite(cfg):
-        raise ValueError(f"cfg must be finite, got {cfg}")
+        raise GenmodelsError(f"cfg must be finite, got {cfg}")
 
 
 def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -194,7 +196,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     if method == "gumbel":
         return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)
     if method != "multinomial":
-        raise ValueError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
+        raise GenmodelsError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
     V = logits.shape[-1]
     probs = logits.softmax(dim=-1).reshape(-1, V)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(logits.shape[:-1])

@@ -348,3 +348,28 @@ def test_generator_module_predict_follows_the_seeding_rule(pipes, tmp_path):
         assert torch.equal(((got + 1) * 127.5).round().to(torch.uint8), want)
     npz = list(tmp_path.glob("**/predictions/samples_7x16x16x3.npz"))
     assert len(npz) == 1 and np.load(npz[0])["arr_1"].tolist() == labels.tolist()
+
+
+# ----------------------------------------------------------------------------- sampling.py itself
+def test_guidance_forms_and_schedules():
+    from genmodels import sampling
+
+    cond, uncond = torch.randn(5, 7), torch.randn(5, 7)
+    ref = uncond + 2.5 * (cond - uncond)
+    for form in ("uncond", "cond", "var"):
+        assert torch.allclose(sampling.guide(cond, uncond, 2.5, form=form), ref, atol=1e-6)
+        assert sampling.guide(cond, uncond, 1.0, form=form) is cond  # w = 1: no arithmetic at all
+    assert sampling.guidance_weight(3.0, "linear", 0.0) == 1.0 and sampling.guidance_weight(3.0, "linear", 1.0) == 3.0
+    assert sampling.guidance_weight(3.0, "power-cosine", 0.0) == 1.0
+    assert abs(sampling.guidance_weight(3.0, "power-cosine", 1.0) - 3.0) < 1e-12
+    assert sampling.from_var(cfg=1.5, top_k=900, top_p=0.96) == {"cfg": 2.5, "guidance_schedule": "linear",
+                                                                  "top_k": 900, "top_p": 0.96}
+    assert sampling.from_var(cfg=0.0, top_p=0.0)["top_p"] == 1.0
+    assert sampling.from_titok_guidance(4.5, "linear") == {"cfg": 5.5, "guidance_schedule": "linear"}
+    assert sampling.from_titok_guidance(3.0, "power-cosine") == {"cfg": 3.0, "guidance_schedule": "power-cosine"}
+    with pytest.raises(GenmodelsError, match="guidance_schedule"):
+        sampling.check_schedule("cosine")
+    # VAR-style in-place filtering: the caller's tensor is masked (what the smoothed codes see)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    out = sampling.filter_logits_(logits, top_k=2)
+    assert out is logits and torch.isinf(logits[0, :2]).all() and torch.isfinite(logits[0, 2:]).all()
