@@ -417,7 +417,8 @@ class MAR(Generator):
         if not self.discrete and (top_k or top_p != 1.0):
             raise GenmodelsError("MAR.sample: top_k / top_p filter logits, but this MAR has a DiffLoss head "
                                  "(continuous tokens); leave them at 0 / 1.0")
-        sampling.check_knobs(temperature=max(temperature, 1e-8), top_k=top_k, top_p=top_p, cfg=cfg)
+        sampling.from_mar_temperature(temperature)  # >= 0 (0: the DiffLoss mean path / the CE argmax)
+        sampling.check_knobs(top_k=top_k, top_p=top_p, cfg=cfg)
         device = self.fake_latent.device
         labels = labels.to(device)
         B, L = labels.shape[0], self.seq_len
