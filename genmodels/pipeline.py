@@ -300,8 +300,9 @@ def official_files(name: str, path: str | Path | None = None, *, download: bool 
         candidates = (root / rel, root / rel.parent.name / rel.name, root / rel.name)
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            raise GenmodelsError(f"from_official({name!r}): {role} file not found: {root / rel} (or "
-                                 f"{root / Path(rel).name}); download it from {url.split('?')[0]} or pass download=True")
+            tried = ", ".join(dict.fromkeys(str(p) for p in candidates))
+            raise GenmodelsError(f"from_official({name!r}): {role} file not found (looked for {tried}); download it "
+                                 f"from {url.split('?')[0]} or pass download=True (genmodels sample --download)")
         out[role] = found
     return out
 
