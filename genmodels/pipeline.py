@@ -206,13 +206,14 @@ def load(ckpt_path: str | Path, ema: bool = True, device: torch.device | str | N
 # ---------------------------------------------------------------------- official checkpoints
 _VAR_URL = "https://huggingface.co/FoundationVision/var/resolve/main/"
 _MAR_URL = "https://www.dropbox.com/scl/fi/"
-#: name -> files: (file name in the folder, official URL, sha256 or None when the authors publish none)
+#: name -> kind, the converters' keyword arguments (``generator_kwargs``, ``tokenizer_kwargs``) and
+#: the files: (file name in the folder, official URL, sha256 or None when the authors publish none)
 OFFICIAL: dict[str, dict[str, Any]] = {
-    **{f"var-d{d}": {"kind": "var", "depth": d,
+    **{f"var-d{d}": {"kind": "var", "generator_kwargs": {"depth": d}, "tokenizer_kwargs": {},
                      "files": {"generator": (f"var_d{d}.pth", _VAR_URL + f"var_d{d}.pth", None),
                                "tokenizer": ("vae_ch160v4096z32.pth", _VAR_URL + "vae_ch160v4096z32.pth", None)}}
        for d in (16, 20, 24, 30)},
-    **{f"mar-{size}": {"kind": "mar", "model": f"mar_{size}",
+    **{f"mar-{size}": {"kind": "mar", "generator_kwargs": {"model": f"mar_{size}"}, "tokenizer_kwargs": {},
                        "files": {"generator": (f"mar/mar_{size}/checkpoint-last.pth", _MAR_URL + url, None),
                                  "tokenizer": ("vae/kl16.ckpt", _MAR_URL + "hhmuvaiacrarfg28qxhwz/kl16.ckpt"
                                                "?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=1", None)}}
@@ -302,7 +303,7 @@ def official_files(name: str, path: str | Path | None = None, *, download: bool 
         if found is None:
             tried = ", ".join(dict.fromkeys(str(p) for p in candidates))
             raise GenmodelsError(f"from_official({name!r}): {role} file not found (looked for {tried}); download it "
-                                 f"from {url.split('?')[0]} or pass download=True (genmodels sample --download)")
+                                 f"from {url} or pass download=True (genmodels sample --download)")
         out[role] = found
     return out
 
@@ -326,18 +327,22 @@ def from_official(name: str, path: str | Path | None = None, *, download: bool =
     key = _official_name(name)
     spec = OFFICIAL[key]
     files = official_files(key, path, download=download, cache_dir=cache_dir, progress=progress)
+    gen_kw, tok_kw = dict(spec.get("generator_kwargs", {})), dict(spec.get("tokenizer_kwargs", {}))
     if spec["kind"] == "var":
-        vae = convert("var-vqvae", files["tokenizer"])
-        var = convert("var", files["generator"], depth=spec["depth"], vae_local=vae)
+        vae = convert("var-vqvae", files["tokenizer"], **tok_kw)
+        var = convert("var", files["generator"], vae_local=vae, **gen_kw)
         pipe = Pipeline(var, vae, from_var(cfg=1.5, top_k=900, top_p=0.96), name=key)
     else:
         from genmodels.checkpoints.mar import RELEASED_DIFFLOSS
         from genmodels.generators.mar import MAR
 
-        d, w = RELEASED_DIFFLOSS[spec["model"]]
-        kl = convert("mar-kl", files["tokenizer"])
-        mar = convert("mar", files["generator"], model=spec["model"], diffloss_d=d, diffloss_w=w)
-        pipe = Pipeline(mar, kl, MAR.SAMPLE_PRESETS[spec["model"]], name=key)
+        model = gen_kw.get("model")
+        if model in RELEASED_DIFFLOSS:
+            gen_kw.setdefault("diffloss_d", RELEASED_DIFFLOSS[model][0])
+            gen_kw.setdefault("diffloss_w", RELEASED_DIFFLOSS[model][1])
+        kl = convert("mar-kl", files["tokenizer"], **tok_kw)
+        mar = convert("mar", files["generator"], **gen_kw)
+        pipe = Pipeline(mar, kl, MAR.SAMPLE_PRESETS.get(model, {}), name=key)
     pipe.generator.requires_grad_(False).eval()
     pipe.tokenizer.requires_grad_(False).eval()
     return pipe.to(device) if device is not None else pipe

@@ -373,3 +373,42 @@ def test_guidance_forms_and_schedules():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     out = sampling.filter_logits_(logits, top_k=2)
     assert out is logits and torch.isinf(logits[0, :2]).all() and torch.isfinite(logits[0, 2:]).all()
+
+
+def test_from_official_var_pipeline_matches_the_official_sampler(tmp_path, monkeypatch):
+    """genmodels.from_official on official-format files (the recorded VAR fixture: official VQVAE
+    + VAR state dicts, written as .pth) samples the official tokens through the knob mapping."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from genmodels import pipeline
+    from genmodels.sampling import from_var
+
+    fix = __import__("pathlib").Path(__file__).parent / "fixtures" / "var"
+
+    def f32(d, prefix):
+        return {k[len(prefix):]: (v.float() / 64 if v.dtype == torch.int8 else v) for k, v in d.items()
+                if k.startswith(prefix)}
+
+    with safe_open(str(fix / "vae.safetensors"), "pt") as f:
+        vae_cfg = json.loads(f.metadata()["vae_config"])
+    with safe_open(str(fix / "var_aln.safetensors"), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "grid"}
+    d = load_file(str(fix / "var_aln.safetensors"))
+    torch.save(f32(load_file(str(fix / "vae.safetensors")), ""), tmp_path / "vae.pth")
+    torch.save(f32(d, "var."), tmp_path / "var_tiny.pth")
+    keep = ("num_classes", "depth", "embed_dim", "num_heads", "shared_aln", "attn_l2_norm", "patch_nums")
+    monkeypatch.setitem(pipeline.OFFICIAL, "var-tiny", {
+        "kind": "var", "generator_kwargs": {k: v for k, v in meta["var_config"].items() if k in keep},
+        "tokenizer_kwargs": vae_cfg, "files": {"generator": ("var_tiny.pth", "https://example.invalid/v", None),
+                                               "tokenizer": ("vae.pth", "https://example.invalid/t", None)}})
+    pipe = genmodels.from_official("var-tiny", tmp_path)
+    assert pipe.sample_kwargs == {"cfg": 2.5, "guidance_schedule": "linear", "top_k": 900, "top_p": 0.96}
+    run = dict(meta["sampling"]["smooth_cfg1.5_k8_p0.9"])
+    seed = run.pop("g_seed")
+    toks, _ = pipe.generator.autoregressive_infer_cfg(d["labels"], generator=gen(seed), **from_var(**run))
+    assert torch.equal(toks, d["sample.smooth_cfg1.5_k8_p0.9.tokens"])
+    images = pipe.sample(d["labels"], generator=gen(seed), **from_var(**run))
+    assert ((images + 1) / 2 - d["sample.smooth_cfg1.5_k8_p0.9.images01"]).abs().max() <= 5e-5
