@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -196,8 +197,15 @@ def load(ckpt_path: str | Path, ema: bool = True, device: torch.device | str | N
         tok_sd = {k[len("tokenizer."):]: v for k, v in sd.items() if k.startswith("tokenizer.")}
     load_strict(tokenizer, tok_sd, what=f"tokenizer of {path}")
     sample_kwargs = meta.get("sample_kwargs")
-    if sample_kwargs is None:
-        sample_kwargs = (ckpt.get("hyper_parameters") or {}).get("sample_kwargs") or {}
+    if sample_kwargs is None:  # a checkpoint from before the sampling convention (issue 11)
+        sample_kwargs = dict((ckpt.get("hyper_parameters") or {}).get("sample_kwargs") or {})
+        if meta["generator"].get("class_path", "").endswith(".VAR") and "guidance_schedule" not in sample_kwargs:
+            from genmodels.sampling import from_var
+
+            old = dict(sample_kwargs)
+            sample_kwargs = from_var(**sample_kwargs)  # its cfg was VAR's c (default 1.5), top_p 0 = off
+            warnings.warn(f"{path}: VAR sample_kwargs {old} predate genmodels' sampling convention; read as VAR's "
+                          f"official knobs -> {sample_kwargs}", stacklevel=2)
     pipe = Pipeline(generator.requires_grad_(False).eval(), tokenizer.requires_grad_(False).eval(),
                     sample_kwargs, name=str(path))
     return pipe.to(device) if device is not None else pipe
