@@ -390,8 +390,6 @@ class MAR(Generator):
     def _cfg_at(self, cfg: float, still_masked: int, schedule: str) -> float:
         """Guidance weight when ``still_masked`` tokens remain masked after this step
         (progress (L - still_masked) / L, ``sampling.guidance_weight``)."""
-        if schedule == "linear":  # the official arithmetic order, 1 + (cfg - 1) (L - m) / L
-            return 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len
         return sampling.guidance_weight(cfg, schedule, (self.seq_len - still_masked) / self.seq_len)
 
     @torch.no_grad()
