@@ -69,9 +69,10 @@ def main() -> None:
         times = []
         for r in range(args.repeats + 1):
             t = time.perf_counter()
-            tokens = model.sample(labels, generator=torch.Generator().manual_seed(r), **kw)
-            if module is not None:
-                module.tokenizer.decode(tokens)
+            if module is not None:  # tokens + decode, through the pipeline
+                module.pipeline.sample(labels, generator=torch.Generator().manual_seed(r), **kw)
+            else:
+                model.sample(labels, generator=torch.Generator().manual_seed(r), **kw)
             if r:  # the first run warms up
                 times.append(time.perf_counter() - t)
         row = {"num_iter": num_iter, "diffusion_steps": steps, "sec_per_image": statistics.median(times) / args.batch}
@@ -87,7 +88,8 @@ def main() -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     meta = {"ckpt": str(args.ckpt) if args.ckpt else None, "params": sum(p.numel() for p in model.parameters()),
-            "causal": causal, "batch": args.batch, "cfg": args.cfg, "temperature": args.temperature,
+            "causal": causal, "batch": args.batch, "cfg": args.cfg, "guidance_schedule": model.cfg_schedule,
+            "temperature": args.temperature, "convention": "genmodels (MAR's knobs mean the same)",
             "fid_samples": args.fid, "threads": args.threads,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     if args.out:
@@ -96,28 +98,23 @@ def main() -> None:
 
 
 def load_generator_module(path: Path):
-    """A GeneratorModule rebuilt from a ``genmodels fit`` checkpoint (the generator and tokenizer
-    configs it records under ``genmodels``; the weights it holds -- the EMA ones when EMA was on)."""
-    from genmodels.checkpoints.common import load_strict, read_checkpoint
+    """A GeneratorModule over ``genmodels.load(path)`` (the pipeline of a ``genmodels fit``
+    checkpoint: generator, tokenizer stored inside it, EMA weights, default knobs), for the
+    evaluation harness."""
+    import genmodels
     from genmodels.training import GeneratorModule
-    from genmodels.utils.config import instantiate
 
-    ckpt = read_checkpoint(path)
-    if "genmodels" not in ckpt or "generator" not in ckpt["genmodels"]:
-        raise ValueError(f"{path} is not a genmodels generator checkpoint (no 'genmodels.generator' entry)")
-    gen, tok = instantiate(ckpt["genmodels"]["generator"]), instantiate(ckpt["genmodels"]["tokenizer"])
-    for prefix, mod in (("generator.", gen), ("tokenizer.", tok)):
-        load_strict(mod, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)},
-                    what=f"{prefix[:-1]} of {path}")
-    hp = ckpt.get("hyper_parameters", {})
-    return GeneratorModule(gen, tokenizer=tok, sample_kwargs=hp.get("sample_kwargs")).eval()
+    pipe = genmodels.load(path)
+    return GeneratorModule(pipe.generator, tokenizer=pipe.tokenizer, sample_kwargs=pipe.sample_kwargs,
+                           ema_decay=None).eval()
 
 
 def _evaluate(ev, module, datamodule) -> dict[str, float]:
     """Run the judge outside a Trainer: explicit inputs (the module's sample_block, the data
     module for the train-split reference, cached by content)."""
     module.evaluator = ev
-    return ev.evaluate(module.evaluation_sample_block(ev.batch_size), ev.batch_size,
+    sampler = module.block_sampler(seed=ev.seed, **ev.sample_kwargs)
+    return ev.evaluate(sampler, sampler.block_size,
                        int(getattr(module.generator, "num_classes", 0) or 0) or 1, datamodule=datamodule,
                        device=module.device)
 

@@ -97,11 +97,15 @@ def bench_kv_cache(args, device) -> dict:
     pn = (1, 2, 3, 4) if args.quick else PN_256
     var = make_var(pn, depth, width, width // 64, 4096, 32, device)
     labels = torch.arange(args.batch, device=device) % 10
-    out = {"config": dict(depth=depth, width=width, patch_nums=pn, batch=args.batch, cfg=1.5, top_k=900)}
+    from genmodels.sampling import from_var
+
+    knobs = from_var(cfg=1.5, top_k=900, top_p=0.96)  # VAR's official knobs in our convention
+    out = {"config": dict(depth=depth, width=width, patch_nums=pn, batch=args.batch, **knobs,
+                          paper_knobs=dict(cfg=1.5, top_k=900, top_p=0.96))}
     toks = {}
     for use_cache in (True, False):
         def run():
-            toks[use_cache] = var.sample(labels, cfg=1.5, top_k=900, top_p=0.96, use_cache=use_cache,
+            toks[use_cache] = var.sample(labels, **knobs, use_cache=use_cache,
                                          generator=torch.Generator(device).manual_seed(0))
         out["with_cache_s" if use_cache else "without_cache_s"] = timeit(run, args.repeats)
     out["same_tokens"] = bool(torch.equal(toks[True], toks[False]))
@@ -124,7 +128,7 @@ def bench_resolution(args, device) -> dict:
                       num_heads=width // 64).to(device).eval()
         g = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
         row = {"n": n, "tokens": n * n, "var_steps": len(pn), "var_patch_nums": pn,
-               "var_s": timeit(lambda: var.sample(labels, cfg=0.0, generator=g()), args.repeats),
+               "var_s": timeit(lambda: var.sample(labels, cfg=1.0, generator=g()), args.repeats),
                "ar_cache_s": timeit(lambda: ar.sample(labels, cfg=1.0, generator=g()), args.repeats)}
         if n <= args.ar_nocache_max:
             row["ar_nocache_s"] = timeit(lambda: ar.sample(labels, cfg=1.0, generator=g(), use_cache=False),
@@ -144,7 +148,7 @@ def bench_resolution(args, device) -> dict:
     slopes = {k: slope(k) for k in ("var_s", "ar_cache_s", "ar_nocache_s")}
     print("[resolution] log-log slope of time vs n (n >= 8): " +
           ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v is not None))
-    return {"config": dict(depth=depth, width=width, vocab=vocab, batch=args.batch, var_cfg=0.0, ar_cfg=1.0),
+    return {"config": dict(depth=depth, width=width, vocab=vocab, batch=args.batch, var_cfg=1.0, ar_cfg=1.0),
             "rows": rows, "loglog_slopes_n_ge_8": slopes}
 
 
@@ -181,15 +185,19 @@ def bench_official(args, device) -> dict:
     assert all(torch.equal(a, ovar.state_dict()[k]) for k, a in var_to_official(var).items())
     B = args.batch
     labels = torch.arange(B, device=device) % 10
-    skw = dict(cfg=1.5, top_k=900, top_p=0.96)
-    res = {"config": dict(depth=depth, width=width, patch_nums=pn, batch=B, vae_ch=32, **skw)}
+    from genmodels.sampling import from_var
+
+    skw = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official spelling; ours through from_var
+    res = {"config": dict(depth=depth, width=width, patch_nums=pn, batch=B, vae_ch=32, paper_knobs=skw,
+                          **from_var(**skw))}
 
     ovar.eval(), var.eval()
     captured = {}
 
     @torch.no_grad()
     def ours_sample():
-        toks, f_hat = var.autoregressive_infer_cfg(labels, generator=torch.Generator(device).manual_seed(0), **skw)
+        toks, f_hat = var.autoregressive_infer_cfg(labels, generator=torch.Generator(device).manual_seed(0),
+                                                   **from_var(**skw))
         captured["ours"] = (toks, vae.fhat_to_img(f_hat))
 
     def official_sample():

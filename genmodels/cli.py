@@ -68,20 +68,20 @@ class GenmodelsCLI(LightningCLI):
         evaluator = getattr(model, "evaluator", None)
         if evaluator is not None and evaluator.config_files is None:
             evaluator.config_files = [str(p) for p in (self.config["test"].get("config") or [])]
-        if evaluator is None or not hasattr(model, "evaluation_sample_block"):
+        if evaluator is None or not hasattr(model, "block_sampler"):
             return self.trainer.test(model, datamodule=datamodule, **kwargs)
         model.evaluation_datamodule = datamodule
         placeholder = torch.utils.data.DataLoader([torch.zeros(())], batch_size=1)
         return self.trainer.test(model, dataloaders=placeholder, **kwargs)
 
 
-def _evaluate_subcommand(argv: list[str]) -> None:
-    """``genmodels evaluate ...`` (genmodels/evaluation/cli.py): score samples made elsewhere."""
+def _user_command(fn, argv: list[str]) -> None:
+    """Run a subcommand that is not LightningCLI's (``evaluate``, ``sample``): a user mistake
+    (``GenmodelsError``, a missing file) is one line; anything else keeps its traceback."""
     from genmodels.errors import GenmodelsError
-    from genmodels.evaluation.cli import evaluate_main
 
     try:
-        evaluate_main(argv)
+        fn(argv)
     except (GenmodelsError, FileNotFoundError) as e:
         if os.environ.get("GENMODELS_DEBUG"):
             raise
@@ -89,12 +89,76 @@ def _evaluate_subcommand(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def evaluate_main(argv: list[str]) -> None:
+    """``genmodels evaluate ...`` (genmodels/evaluation/cli.py): score samples made elsewhere."""
+    from genmodels.evaluation.cli import evaluate_main as run
+
+    run(argv)
+
+
+def sample_main(argv: list[str]) -> None:
+    """``genmodels sample --ckpt X --classes 1,7 --num 8 --out grid.png`` (or ``--official var-d16
+    --weights DIR``): a grid, one row per class, of the first ``--num`` samples of each class by
+    the pipeline's seeding rule (``genmodels.pipeline``). ``--set cfg=2.5`` overrides a knob."""
+    import argparse
+
+    import yaml
+
+    from genmodels.errors import GenmodelsError
+    from genmodels.pipeline import DEFAULT_BLOCK_SIZE, from_official, load
+    from genmodels.utils.images import save_grid, write_adm_npz
+
+    ap = argparse.ArgumentParser(prog="genmodels sample", description=sample_main.__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a `genmodels fit` checkpoint of a GeneratorModule")
+    src.add_argument("--official", help="an official model: var-d16 .. var-d30, mar-base / mar-large / mar-huge")
+    ap.add_argument("--weights", help="folder with the official files (with --official)")
+    ap.add_argument("--download", action="store_true", help="fetch the official files into the cache (--official)")
+    ap.add_argument("--classes", default="0", help="comma-separated class ids (default 0)")
+    ap.add_argument("--num", type=int, default=8, help="samples per class (default 8)")
+    ap.add_argument("--out", default="samples.png", help="grid PNG (a .npz path writes the ADM .npz instead)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones (--ckpt)")
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="override a sampling knob, e.g. --set cfg=2.5 --set top_k=900 (YAML values)")
+    a = ap.parse_args(argv)
+    try:
+        classes = [int(c) for c in a.classes.split(",") if c.strip()]
+    except ValueError:
+        raise GenmodelsError(f"--classes must be comma-separated integers, got {a.classes!r}") from None
+    knobs = {}
+    for kv in a.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise GenmodelsError(f"--set expects KNOB=VALUE, got {kv!r}")
+        knobs[k.strip()] = yaml.safe_load(v)
+    if a.ckpt:
+        pipe = load(a.ckpt, ema=not a.no_ema, device=a.device)
+    else:
+        pipe = from_official(a.official, a.weights, download=a.download, device=a.device)
+    n_cls = pipe.num_classes
+    bad = [c for c in classes if not 0 <= c < max(n_cls, 1)]
+    if bad:
+        raise GenmodelsError(f"--classes: {bad} outside [0, {n_cls}) (the model's classes)")
+    images, labels = pipe.sample_classes(classes, a.num, seed=a.seed, block_size=a.block_size, **knobs)
+    out = Path(a.out)
+    if out.suffix == ".npz":
+        write_adm_npz(out, images, labels)
+    else:
+        save_grid(images.float() / 127.5 - 1, out, nrow=a.num)
+    print(f"genmodels sample: {len(images)} images ({len(classes)} classes x {a.num}) -> {out}; knobs "
+          f"{ {**pipe.sample_kwargs, **knobs} }")
+
+
 def main(args: list[str] | None = None) -> None:
     from genmodels.training.quiet import silence_known_noise
     silence_known_noise()  # exact messages Lightning / torch print on every run (see genmodels/training/quiet.py)
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["evaluate"]:
-        return _evaluate_subcommand(argv[1:])
+    argv = sys.argv[1:] if args is None else list(args)
+    extra = {"evaluate": evaluate_main, "sample": sample_main}  # subcommands beside LightningCLI's
+    if argv[:1] and argv[0] in extra:
+        return _user_command(extra[argv[0]], argv[1:])
     try:
         GenmodelsCLI(
             model_class=None, subclass_mode_model=True,

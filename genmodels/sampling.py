@@ -12,9 +12,9 @@ The convention (the ``Generator`` contract):
 * ``temperature`` divides the logits of a categorical draw (1 = the model's distribution);
   for a diffusion head it scales the noise (MAR's official meaning), documented there.
 
-A paper whose knob means something else is mapped by one function here (``from_var_cfg``,
-``from_titok_guidance``, ``from_fractal_temperature``); paper configs state the paper's
-value beside ours.
+A paper whose knob means something else is mapped by one function here (``from_var_cfg`` /
+``from_var``, ``from_titok_guidance``, ``from_fractal_temperature``, ``from_mar_temperature``);
+paper configs state the paper's value beside ours (a ``paper_knobs`` comment / field).
 
 Random draws come from an explicit ``torch.Generator``. Two Gumbel forms exist because
 the official codebases draw them differently and seed-exact parity needs the same draws:
@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from genmodels.errors import GenmodelsError
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
 
@@ -39,14 +41,37 @@ def guidance_weight(cfg: float, schedule: str = "constant", progress: float = 1.
         return 1.0 + (cfg - 1.0) * progress
     if schedule == "power-cosine":
         return 1.0 + (cfg - 1.0) * (1.0 - math.cos(math.pi * progress ** power)) / 2.0
-    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+    raise GenmodelsError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
-    """``uncond + w * (cond - uncond)``; w = 1 returns ``cond``."""
-    if w == 1.0:
+GUIDANCE_FORMS = ("uncond", "cond", "var")
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor, form: str = "uncond") -> torch.Tensor:
+    """``uncond + w * (cond - uncond)``; w = 1 returns ``cond`` itself.
+
+    ``form`` only chooses the float arithmetic of the same quantity, so that each paper's
+    parity test is seed-exact: ``uncond`` ``uncond + w (cond - uncond)`` (MAR, MDT/TiTok
+    power-cosine), ``cond`` ``cond + (w - 1)(cond - uncond)`` (MUSE/TiTok constant and
+    linear), ``var`` ``w cond - (w - 1) uncond`` (VAR's ``(1 + t) cond - t uncond``).
+    ``w`` may be a tensor broadcasting against ``cond`` (e.g. one weight per row).
+    """
+    if not torch.is_tensor(w) and w == 1.0:
         return cond
-    return uncond + w * (cond - uncond)
+    if form == "uncond":
+        return uncond + w * (cond - uncond)
+    if form == "cond":
+        return cond + (w - 1.0) * (cond - uncond)
+    if form == "var":
+        return w * cond - (w - 1.0) * uncond
+    raise ValueError(f"guidance form must be one of {GUIDANCE_FORMS}, got {form!r}")
+
+
+def check_schedule(schedule: str) -> str:
+    """Return ``schedule`` if it is a known guidance schedule, else raise naming the knob."""
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise GenmodelsError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+    return schedule
 
 
 def with_null(labels: torch.Tensor, null_class: int) -> torch.Tensor:
@@ -62,6 +87,29 @@ def from_var_cfg(var_cfg: float) -> dict:
     return {"cfg": 1.0 + var_cfg, "guidance_schedule": "linear"}
 
 
+def from_var_top_p(var_top_p: float) -> float:
+    """VAR's official ``top_p``: 0 means off (ours: 1.0); any other value means the same."""
+    return 1.0 if var_top_p <= 0 else float(var_top_p)
+
+
+def from_var(cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, **rest) -> dict:
+    """The keyword arguments of VAR's official ``autoregressive_infer_cfg`` (``cfg``,
+    ``top_k``, ``top_p``, ``more_smooth``; ``B``, ``label_B``, ``g_seed`` are dropped) ->
+    our ``sample`` knobs (``from_var_cfg`` + ``from_var_top_p``; top_k means the same)."""
+    rest = {k: v for k, v in rest.items() if k not in ("B", "label_B", "g_seed")}
+    return {**from_var_cfg(cfg), "top_k": int(top_k), "top_p": from_var_top_p(top_p), **rest}
+
+
+def from_mar_temperature(temperature: float) -> float:
+    """MAR's ``temperature`` scales the noise of each DiffLoss reverse step (MAR Sec. 3.3),
+    ours does the same for a diffusion head (``DiffLoss.sample``): the identity, kept so
+    that every paper knob has its one mapping function. For MAR's cross-entropy head
+    (discrete tokens) temperature divides the logits, as everywhere else."""
+    if temperature < 0:
+        raise GenmodelsError(f"MAR temperature must be >= 0, got {temperature}")
+    return float(temperature)
+
+
 def from_titok_guidance(guidance_scale: float, guidance_decay: str = "constant") -> dict:
     """TiTok/MaskGIT ``guidance_scale`` g: ``cond + g (cond - uncond)`` for the constant and
     linear decays (w = 1 + g), ``uncond + g (cond - uncond)`` for power-cosine (w = g)."""
@@ -73,21 +121,21 @@ def from_titok_guidance(guidance_scale: float, guidance_decay: str = "constant")
 def from_fractal_temperature(temperature: float) -> float:
     """FractalGen's PixelLoss temperature multiplies the logits; ours divides them."""
     if temperature <= 0:
-        raise ValueError(f"FractalGen temperature must be > 0, got {temperature}")
+        raise GenmodelsError(f"FractalGen temperature must be > 0, got {temperature}")
     return 1.0 / temperature
 
 
 # ----------------------------------------------------------------------- filtering
 def check_knobs(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg: float = 1.0) -> None:
-    """Raise a ValueError naming the knob if it is outside its range."""
+    """Raise a ``GenmodelsError`` (a ValueError) naming the knob if it is outside its range."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise GenmodelsError(f"temperature must be > 0, got {temperature}")
     if top_k < 0 or int(top_k) != top_k:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+        raise GenmodelsError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise GenmodelsError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if not math.isfinite(cfg):
-        raise ValueError(f"cfg must be finite, got {cfg}")
+        raise GenmodelsError(f"cfg must be finite, got {cfg}")
 
 
 def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -148,7 +196,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     if method == "gumbel":
         return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)
     if method != "multinomial":
-        raise ValueError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
+        raise GenmodelsError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
     V = logits.shape[-1]
     probs = logits.softmax(dim=-1).reshape(-1, V)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(logits.shape[:-1])

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from genmodels.generators.causal_ar import CausalAR, filter_logits
+from genmodels.generators.causal_ar import CausalAR
+from genmodels.sampling import filter_logits
 from genmodels.nn.attention import KVCache
 from genmodels.tokenizers.base import TokenSpec
 from genmodels.utils.config import instantiate

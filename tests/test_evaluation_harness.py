@@ -18,6 +18,7 @@ from genmodels.data import DigitsDataModule
 from genmodels.evaluation import Evaluator, Rules, SamplingPlan, feature_statistics, frechet_distance, \
     paper_protocol_gaps, read_adm_npz, read_rows
 from genmodels.evaluation import generation as gen_mod
+from genmodels.pipeline import seed_for
 from genmodels.evaluation.reference import cache_key
 from genmodels.evaluation.adm_export import write_adm_npz
 
@@ -39,7 +40,7 @@ def pool_sampler(x, y, block_size: int, noise: float = 0.0, seed: int = 0):
     """A stand-in ``sample_block``: real digits of the class (and a ``noise`` fraction of noise),
     drawn with a generator seeded by (seed, class, block) only."""
     def sample_block(c: int, b: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(gen_mod.block_seed(seed, c, b))
+        g = torch.Generator().manual_seed(seed_for(seed, c, b))
         pool = x[y == c]
         imgs = pool[torch.randint(len(pool), (block_size,), generator=g)].clone()
         flip = torch.rand(block_size, generator=g) < noise
@@ -96,7 +97,7 @@ def test_sampling_plan_class_order_blocks_and_ranks():
         shares = [plan.blocks_of(r, world) for r in range(world)]
         assert sorted(sum(shares, [])) == sorted(plan.blocks)  # every pair exactly once
     assert SamplingPlan(50_000, 1000, 50).per_class == [50] * 1000
-    assert gen_mod.block_seed(0, 1, 2) == gen_mod.block_seed(0, 1, 2) != gen_mod.block_seed(0, 2, 1)
+    assert seed_for(0, 1, 2) == seed_for(0, 1, 2) != seed_for(0, 2, 1)
 
 
 def test_simulated_ranks_give_the_single_process_samples(monkeypatch):

@@ -49,9 +49,23 @@ def test_make_tables_markdown_csv_and_svg(tmp_path):
     assert "## digits-32 | digits-classifier-x | generation" in md and "## imagenet-256" in md
     digits = md.split("## imagenet-256")[0]
     assert digits.index("digits_ar") < digits.index("digits_maskgit")  # sorted by FID: 8.0 before 12.5
-    assert "30.00" not in md and "8.00" in md and "1.2M / 45k" in md and "cfg=2.0, num_steps=8" in md
+    assert "30.00" not in md and "8.00" in md and "1.2M / 45k" in md and "| num_steps=8 |" in md
+    # one guidance column in the genmodels convention, the paper's spelling beside it
+    assert "| 2 linear | guidance_scale=1 (linear) |" in md and "| 2 constant | – |" in md
+    assert "⚠ unconverted VAR cfg=2.0" in md  # a VAR row without guidance_schedule is never mixed in silently
     assert "fewer than 50,000" in md
     svg = (tmp_path / "out" / "fid_vs_speed_digits-32-digits-classifier-x.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<circle") == 2 + 2  # 2 points + 2 legend entries
-    assert len(list(csv.reader((tmp_path / "out" / "table.csv").open()))) == 4
+    table = list(csv.reader((tmp_path / "out" / "table.csv").open()))
+    assert len(table) == 4 and {"guidance_w", "guidance_schedule", "paper_knobs"} <= set(table[0])
     json.loads(res.read_text().splitlines()[0])
+
+
+def test_guidance_column_converts_paper_knobs():
+    g = load_make_tables().guidance
+    var = row("v", "VAR", 1.0, 0.1, sampling={"cfg": 2.5, "guidance_schedule": "linear", "top_p": 0.96})
+    assert g(var) == {"w": 2.5, "schedule": "linear", "text": "2.5 linear", "paper": "cfg=1.5"}
+    assert g(row("t", "MaskGIT", 1.0, 0.1, sampling={"cfg": 3.0, "guidance_schedule": "power-cosine"}))["paper"] \
+        == "guidance_scale=3 (power-cosine)"
+    assert g(row("m", "MAR", 1.0, 0.1, sampling={"cfg": 1.0}))["text"] == "1 (off)"
+    assert g(row("old", "VAR", 1.0, 0.1, sampling={"cfg": 1.5}))["w"] is None

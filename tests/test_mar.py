@@ -87,7 +87,7 @@ class Replay:
 @pytest.mark.parametrize("name,kw", [
     ("sample_cfg", dict(num_steps=4, cfg=3.0, temperature=0.95)),
     ("sample_nocfg", dict(num_steps=3, cfg=1.0, temperature=1.0)),
-    ("sample_const", dict(num_steps=5, cfg=2.0, cfg_schedule="constant", temperature=0.9)),
+    ("sample_const", dict(num_steps=5, cfg=2.0, guidance_schedule="constant", temperature=0.9)),
 ])
 def test_sampling_matches_official(model, rec, monkeypatch, name, kw):
     """The whole sample_tokens loop (orders, cosine mask schedule, CFG schedule, batched

@@ -107,3 +107,26 @@ def test_kl16_checkpoint_and_parity(tmp_path):
         assert vae16.spec.channels == 16 and vae16.scale_factor == 0.2325
         with pytest.raises(CheckpointMismatchError, match=r"AutoencoderKL\(embed_dim=16, ch=128, 5 levels\)"):
             from_official("mar-kl", {"model": full}, embed_dim=8)
+
+
+def test_norm_layer_is_honoured_or_refused():
+    """The official constructors pass norm_layer=partial(nn.LayerNorm, eps=1e-6) (issue 11: it
+    was accepted and ignored): a LayerNorm's eps is honoured, anything else is refused."""
+    from functools import partial
+
+    from torch import nn
+
+    from genmodels.checkpoints.mar import mar_kwargs
+    from genmodels.errors import GenmodelsError
+
+    assert mar_kwargs(norm_layer=partial(nn.LayerNorm, eps=1e-6))["norm_eps"] == 1e-6
+    assert mar_kwargs()["norm_eps"] == 1e-6
+    kw = mar_kwargs(model="mar_base", norm_layer=nn.LayerNorm, encoder_depth=1, decoder_depth=1, diffloss_d=1,
+                    diffloss_w=16, img_size=64)
+    assert kw["norm_eps"] == 1e-5  # nn.LayerNorm's own default
+    m = MAR(**kw)
+    assert m.encoder_blocks[0].norm1.eps == m.decoder_norm.eps == m.encoder_norm.eps == 1e-5
+    assert m.z_proj_ln.eps == 1e-6  # hard-coded in the official too
+    for bad in (nn.BatchNorm1d, partial(nn.LayerNorm, eps=1e-6, elementwise_affine=False), nn.RMSNorm):
+        with pytest.raises(GenmodelsError, match="norm_layer"):
+            mar_kwargs(norm_layer=bad)

@@ -11,6 +11,7 @@ import genmodels.generators.maskgit as mg
 from genmodels.checkpoints import CheckpointMismatchError, from_official
 from genmodels.generators.maskgit import MaskGIT, mask_ratio
 from genmodels.tokenizers.base import TokenSpec
+from genmodels.sampling import from_titok_guidance
 from genmodels.utils.config import instantiate
 from helpers import assert_close_f32
 
@@ -170,14 +171,14 @@ def test_decoding_matches_official_generate(official, i, monkeypatch):
     kw = g["kwargs"]
     draws = iter(g["uniforms"][:-2])  # the official also draws (unused) noise at the last step
 
-    def replay(shape, generator, device):
+    def replay(shape, generator=None, device=None):
         u = next(draws)
         assert tuple(u.shape) == tuple(shape)
         return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
-    monkeypatch.setattr(mg, "_gumbel", replay)
-    decay, gs = kw["guidance_decay"], kw["guidance_scale"]
-    ids = m.sample(g["condition"], cfg=gs if decay == "power-cosine" else 1 + gs, guidance_schedule=decay,
+    monkeypatch.setattr(mg, "gumbel_noise", replay)
+    knobs = from_titok_guidance(kw["guidance_scale"], kw["guidance_decay"])  # official g -> our w
+    ids = m.sample(g["condition"], **knobs,
                    guidance_pow=kw.get("guidance_scale_pow", 3.0), randomize_temperature=kw["randomize_temperature"],
                    softmax_temperature_annealing=kw["softmax_temperature_annealing"],
                    num_steps=kw["num_sample_steps"], generator=gen(0))

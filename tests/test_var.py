@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from genmodels.checkpoints import from_official
-from genmodels.generators.var import VAR, sample_top_k_top_p
+from genmodels.generators.var import VAR
+from genmodels.sampling import filter_logits, from_var, sample_categorical
 from genmodels.utils.config import instantiate
 from helpers import F32_DEEP_RTOL, F32_RTOL, assert_close_f32
 
@@ -103,12 +104,20 @@ def test_training_loss_and_gradients_match_official(name, vae):
     assert n == sum(1 for k in d if k.startswith("gradnorm."))
 
 
+SAMPLING_RUNS = ["greedy_cfg0", "greedy_cfg1.5", "random_cfg2", "smooth_cfg1", "smooth_cfg1.5_k8_p0.9",
+                 "smooth_cfg0_k16_p0.8", "random_cfg0.5_p0.7"]
+
+
 @pytest.mark.parametrize("name", ["aln", "saln"])
-@pytest.mark.parametrize("run", ["greedy_cfg0", "greedy_cfg1.5", "random_cfg2", "smooth_cfg1"])
+@pytest.mark.parametrize("run", SAMPLING_RUNS)
 def test_sampling_matches_official(name, run, vae):
+    """The official sampler's kwargs go through ``sampling.from_var`` (official cfg c ->
+    cfg = 1 + c with the linear schedule; official top_p 0 = off -> 1.0)."""
     model, d, meta = load_case(name, vae)
-    kw = dict(meta["sampling"][run])
-    seed = kw.pop("g_seed")
+    official = dict(meta["sampling"][run])
+    seed = official.pop("g_seed")
+    kw = from_var(**official)
+    assert kw["guidance_schedule"] == "linear" and kw["cfg"] == 1 + official["cfg"]
     tokens, f_hat = model.autoregressive_infer_cfg(d["labels"], generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(tokens, d[f"sample.{run}.tokens"])
     images = model.sample_images(d["labels"], generator=torch.Generator().manual_seed(seed), **kw)
@@ -126,9 +135,20 @@ def test_sampling_matches_official(name, run, vae):
         assert_close_f32(vae.decode(tokens), images, rtol=rtol, what=f"{run} decode(tokens)")
 
 
+def test_smooth_codes_see_the_filtered_logits(vae):
+    """Regression (issue 11): with more_smooth and top-k / top-p on, the Gumbel-softmax codes
+    come from the masked logits (official ``sample_with_top_k_top_p_`` masks in place), so a
+    smooth run with top_k=1 decodes (almost) the greedy image from scale 2 on."""
+    model, d, _ = load_case("aln", vae)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    smooth = model.sample_images(d["labels"], cfg=2.0, top_k=1, more_smooth=True, generator=g())
+    greedy = model.sample_images(d["labels"], cfg=2.0, top_k=1, generator=g())
+    assert (smooth - greedy).abs().max() <= 1e-5
+
+
 def test_sampling_without_kv_cache_is_the_same(vae):
     model, d, _ = load_case("aln", vae)
-    for cfg in (0.0, 1.5):
+    for cfg in (1.0, 2.5):
         a = model.sample(d["labels"], cfg=cfg, top_k=1, use_cache=True)
         b = model.sample(d["labels"], cfg=cfg, top_k=1, use_cache=False)
         assert torch.equal(a, b)
@@ -136,16 +156,18 @@ def test_sampling_without_kv_cache_is_the_same(vae):
 
 # ----------------------------------------------------------------------------- sampling knobs
 def test_top_k_top_p_semantics():
+    """VAR draws through sampling.filter_logits + sample_categorical (the official rule)."""
     logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]]).log_softmax(-1)  # probs increasing
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_top_k_top_p(logits, top_k=2, generator=g) for _ in range(200)]).flatten()
-    assert set(draws.tolist()) == {2, 3}
+
+    def draws(n, **kw):
+        return torch.stack([sample_categorical(filter_logits(logits, **kw), g) for _ in range(n)]).flatten()
+
+    assert set(draws(200, top_k=2).tolist()) == {2, 3}
     # probs .032 .087 .237 .644: cumulative from the smallest .032 .119 .356 1; top_p=0.75 removes
     # the entries with cumulative <= 0.25, i.e. tokens 0 and 1
-    draws = torch.stack([sample_top_k_top_p(logits, top_p=0.75, generator=g) for _ in range(200)]).flatten()
-    assert set(draws.tolist()) == {2, 3}
-    draws = torch.stack([sample_top_k_top_p(logits, top_p=1e-6, generator=g) for _ in range(50)]).flatten()
-    assert set(draws.tolist()) == {3}  # the most likely entry always stays
+    assert set(draws(200, top_p=0.75).tolist()) == {2, 3}
+    assert set(draws(50, top_p=1e-6).tolist()) == {3}  # the most likely entry always stays
 
 
 def test_sample_is_reproducible_and_checks_num_steps(vae):

@@ -85,6 +85,29 @@ def describe_mar_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     return f"{name or 'a MAR'} ({', '.join(parts)})"
 
 
+def norm_eps_of(norm_layer: Any) -> float:
+    """The official ``norm_layer`` (``mar_base`` .. ``mar_huge`` pass
+    ``partial(nn.LayerNorm, eps=1e-6)``) -> our ``MAR(norm_eps=...)``. Honoured: None (the
+    official default, eps 1e-6), ``nn.LayerNorm`` (eps 1e-5) or a ``functools.partial`` of it
+    with only ``eps``; anything else (another norm, ``elementwise_affine=False``, ...) cannot be
+    built by our MAR and is refused with a ``GenmodelsError``."""
+    import functools
+
+    from torch import nn
+
+    from genmodels.errors import GenmodelsError
+
+    if norm_layer is None:
+        return 1e-6
+    if norm_layer is nn.LayerNorm:
+        return 1e-5
+    if (isinstance(norm_layer, functools.partial) and norm_layer.func is nn.LayerNorm and not norm_layer.args
+            and set(norm_layer.keywords) <= {"eps"}):
+        return float(norm_layer.keywords.get("eps", 1e-5))
+    raise GenmodelsError(f"from_official('mar'): norm_layer={norm_layer!r} is not supported; genmodels' MAR "
+                         "builds nn.LayerNorm only: pass partial(nn.LayerNorm, eps=...) (official: eps=1e-6)")
+
+
 def mar_kwargs(**official: Any) -> dict[str, Any]:
     """Official MAR constructor kwargs (+ ``model``) -> ``genmodels.generators.mar.MAR`` kwargs."""
     model_name = official.pop("model", None)
@@ -92,7 +115,7 @@ def mar_kwargs(**official: Any) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"from_official('mar'): unknown argument(s) {sorted(unknown)}; accepted: model, "
                         f"{', '.join(sorted(_MAR_OFFICIAL_ARGS))}")
-    official.pop("norm_layer", None)  # always LayerNorm(eps=1e-6) in the official constructors
+    norm_eps = norm_eps_of(official.pop("norm_layer", None))
     kw = {**_MAR_OFFICIAL_DEFAULTS, **official}
     if model_name is not None:
         if model_name not in MAR_SIZES:
@@ -104,7 +127,7 @@ def mar_kwargs(**official: Any) -> dict[str, Any]:
             kw.setdefault(f"{side}_num_heads", h)
     side = kw["img_size"] // kw["vae_stride"] // kw["patch_size"]
     out = dict(token_shape=(side, side), token_channels=kw["vae_embed_dim"] * kw["patch_size"] ** 2,
-               num_classes=kw["class_num"])
+               num_classes=kw["class_num"], norm_eps=norm_eps)
     for k in ("mask_ratio_min", "label_drop_prob", "attn_dropout", "proj_dropout", "buffer_size", "diffloss_d",
               "diffloss_w", "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing", "mlp_ratio",
               "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "decoder_embed_dim", "decoder_depth",

@@ -17,7 +17,7 @@ from genmodels.evaluation.adm_export import read_adm_npz, write_adm_npz
 from genmodels.evaluation.evaluator import Evaluator
 from genmodels.evaluation.features import (DigitsClassifierFeatures, DINOv2Features, Extracted, FeatureExtractor,
                                            InceptionFeatures, ModuleFeatures, build_feature_extractor)
-from genmodels.evaluation.generation import SamplingPlan, block_seed, generate_and_extract
+from genmodels.evaluation.generation import SamplingPlan, generate_and_extract
 from genmodels.evaluation.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
                                           precision_recall)
 from genmodels.evaluation.protocol import Rules, paper_protocol_gaps
@@ -26,7 +26,7 @@ from genmodels.evaluation.results import append_results_row, read_rows
 
 __all__ = [
     "DINOv2Features", "DigitsClassifierFeatures", "Evaluator", "Extracted", "FeatureExtractor", "InceptionFeatures",
-    "ModuleFeatures", "Reference", "Rules", "SamplingPlan", "append_results_row", "block_seed",
+    "ModuleFeatures", "Reference", "Rules", "SamplingPlan", "append_results_row",
     "build_feature_extractor", "feature_statistics", "frechet_distance", "generate_and_extract", "inception_score",
     "manifold_radii", "paper_protocol_gaps", "precision_recall", "read_adm_npz", "read_rows", "write_adm_npz",
 ]

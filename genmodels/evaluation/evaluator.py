@@ -51,7 +51,8 @@ class Evaluator:
         num_samples: N generated samples (50,000 for the ADM protocol).
         batch_size: ``S``, samples per ``sample_block`` call (per rank); also the extraction batch.
         sample_kwargs: sampling knobs overriding the model's (cfg, ...), for the sampling adapter.
-        seed: the sampling seed (``generation.block_seed(seed, class, block)``).
+        seed: the sampling seed of ``genmodels.pipeline.seed_for(seed, class, block)`` (None = the
+            model's own seed, so ``genmodels test`` scores the samples ``predict`` writes).
         reference: a split of the data module (``train``/``val``/``test``) or an ADM ``.npz``.
         num_reference: use the first ``num_reference`` real images (default: all).
         cache_dir: folder of reference caches (default ``$GENMODELS_CACHE/reference`` or
@@ -73,7 +74,7 @@ class Evaluator:
 
     def __init__(self, feature_extractor: str = "digits-classifier",
                  feature_extractor_kwargs: dict[str, Any] | None = None, num_samples: int = 1000,
-                 batch_size: int = 100, sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
+                 batch_size: int = 100, sample_kwargs: dict[str, Any] | None = None, seed: int | None = None,
                  reference: str = "train", num_reference: int | None = None, cache_dir: str | None = None,
                  protocol: str = "adm", is_split_size: int | None = None, is_splits: int | None = None,
                  pr_arithmetic: str | None = None, pr_block: int | None = None, nhood_size: int = 3,
@@ -93,7 +94,7 @@ class Evaluator:
         self.protocol = protocol
         self.feature_extractor_spec = feature_extractor
         self.feature_extractor_kwargs = dict(feature_extractor_kwargs or {})
-        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
+        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), seed
         self.sample_kwargs = dict(sample_kwargs or {})
         self.reference_spec, self.num_reference, self.cache_dir = str(reference), num_reference, cache_dir
         self.results_file, self.config_files, self.name = results_file, config_files, name

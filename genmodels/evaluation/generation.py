@@ -6,7 +6,7 @@ The generation interface (shared with ``genmodels.pipeline``)::
 
 returns block ``block`` of class ``class_id``, i.e. that class's per-class sample indices
 ``[block * S, (block + 1) * S)``, where ``S`` is the ``block_size`` the caller gives with it.
-It seeds itself from ``(seed, class_id, block)`` only (``block_seed``), so a sample depends on
+It seeds itself from ``(seed, class_id, block)`` only (``genmodels.pipeline.seed_for``), so a sample depends on
 its class and index, never on the rank or the number of ranks. Unconditional models: class 0,
 ``num_classes`` 1.
 
@@ -65,13 +65,6 @@ def broadcast_from_zero(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- the plan
-def block_seed(seed: int, class_id: int, block: int) -> int:
-    """Seed of block ``block`` of class ``class_id``: a pure function of the three (SeedSequence
-    mixing, so nearby triples give unrelated streams), < 2^63."""
-    state = np.random.SeedSequence([int(seed), int(class_id), int(block)]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 32 | int(state[1])) & (2 ** 63 - 1)
-
-
 @dataclass(frozen=True)
 class SamplingPlan:
     """N class-balanced samples of C classes in blocks of S (see the module docstring)."""

@@ -6,7 +6,11 @@ A generator models the tokens of a tokenizer (see ``genmodels.tokenizers.base``)
   anything else worth logging;
 * ``sample(labels, *, cfg, temperature, num_steps, generator) -> tokens`` -- all
   randomness is drawn from the given ``torch.Generator``, so a seeded generator gives
-  the same tokens every time;
+  the same tokens every time. The knobs mean the same for every generator
+  (``genmodels.sampling``): ``cfg`` is w in ``uncond + w (cond - uncond)``, ``cfg = 1`` is no
+  guidance and skips the unconditional pass, ``guidance_schedule`` names how w moves over
+  the steps, ``top_k = 0`` / ``top_p = 1.0`` are off, ``temperature`` divides the logits (a
+  diffusion head: scales the noise); a paper's own knob goes through its ``sampling.from_*``;
 * ``nll(tokens, labels)`` -> bits per dimension, where the paradigm has an exact
   likelihood.
 

@@ -12,7 +12,8 @@ p(x | c) = prod_i p(x_i | x_<i, c) by a decoder-only transformer.
   ``head`` = Linear(D -> K) without bias. Init as GPT-2 / nanoGPT: N(0, 0.02), residual output
   projections N(0, 0.02 / sqrt(2 depth)).
 * ``forward_loss`` = token-mean cross-entropy (teacher forcing); ``nll`` = bits per token.
-* ``sample``: KV-cache decoding, classifier-free guidance, temperature, top-k, top-p.
+* ``sample``: KV-cache decoding, classifier-free guidance, temperature, top-k, top-p (all
+  through ``genmodels.sampling``).
 """
 from __future__ import annotations
 
@@ -23,29 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels import sampling
 from genmodels.generators.base import Generator
 from genmodels.nn.attention import Block, KVCache
 from genmodels.tokenizers.base import TokenSpec
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) to -inf. logits (B, K).
-
-    top-k keeps the k largest (0 = off); top-p keeps the smallest set of most likely tokens
-    whose probability mass reaches ``top_p`` (Holtzman et al. 2020; 1.0 = off); at least
-    one token is always kept.
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs          # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
-    return logits
 
 
 class CausalAR(Generator):
@@ -164,15 +146,17 @@ class CausalAR(Generator):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, num_steps: int | None = None, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "constant",
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_steps: int | None = None,
+               generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Ancestral sampling in raster order, one token per step.
 
         Args:
             labels: (B,) classes in [0, C] (C = null class: unconditional samples).
             cfg: classifier-free guidance weight w: logits = uncond + w (cond - uncond), the
                 batch doubled as [cond; null]; w = 1 is plain conditional sampling (no doubling).
+            guidance_schedule: how w moves with the fraction i / N of generated tokens
+                (``sampling.guidance_weight``: constant, linear, power-cosine).
             temperature: logits are divided by it (after guidance).
             top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
             num_steps: must be None or N (one step per token).
@@ -185,10 +169,8 @@ class CausalAR(Generator):
         if num_steps is not None and num_steps != self.seq_len:
             raise ValueError(f"CausalAR samples one token per step: num_steps must be None or {self.seq_len}, "
                              f"got {num_steps}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sampling.check_knobs(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
+        sampling.check_schedule(guidance_schedule)
         labels = labels.long()
         self.check_inputs(None, labels)
         device = labels.device
@@ -197,7 +179,7 @@ class CausalAR(Generator):
             generator.seed()
         B, N = labels.shape[0], self.seq_len
         guided = cfg != 1.0
-        cond_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+        cond_labels = sampling.with_null(labels, self.num_classes) if guided else labels
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         tokens = torch.empty(B, 0, dtype=torch.long, device=device)
         for i in range(N):
@@ -209,8 +191,7 @@ class CausalAR(Generator):
                 logits = self._transformer(self._inputs(cond_labels, prefix))[:, -1].float()
             if guided:
                 cond, uncond = logits.chunk(2)
-                logits = uncond + cfg * (cond - uncond)
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            tokens = torch.cat([tokens, nxt], dim=1)
+                logits = sampling.guide(cond, uncond, sampling.guidance_weight(cfg, guidance_schedule, i / N))
+            nxt = sampling.sample_categorical(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         return tokens

@@ -16,8 +16,10 @@ by diffusion.
 * Sampling (``sample``): ``num_iter`` steps along a random order; after step k,
   ``floor(L cos(pi/2 (k+1)/num_iter))`` tokens stay masked (at least one fewer than
   before, the rest are predicted now); CFG doubles the batch with ``fake_latent`` and,
-  with the ``linear`` schedule, uses ``1 + (cfg-1) (L - still_masked) / L``; each token's
-  value is drawn by the DiffLoss sampler at ``temperature`` (which scales the noise).
+  with the ``linear`` guidance schedule, uses w = ``1 + (cfg-1) (L - still_masked) / L``
+  (``sampling.guidance_weight`` at progress (L - still_masked) / L); each token's value is
+  drawn by the DiffLoss sampler at ``temperature``, which scales the diffusion noise (MAR's
+  meaning, ``sampling.from_mar_temperature``; for the CE head it divides the logits).
 
 Variants the paper compares (Table 1, Fig. 6) that the official code never released:
 
@@ -43,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from genmodels import sampling
+from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
 from genmodels.losses.diffusion import DiffLoss
 from genmodels.nn.attention import Block, KVCache
@@ -50,7 +54,7 @@ from genmodels.tokenizers.base import TokenSpec
 
 ORDERS = ("random", "raster")
 ATTENTIONS = ("bidirectional", "causal")
-CFG_SCHEDULES = ("linear", "constant")
+CFG_SCHEDULES = sampling.GUIDANCE_SCHEDULES  # MAR's own: linear (official default) and constant
 
 
 def truncnorm_mask_ratio(u: torch.Tensor, mask_ratio_min: float = 0.7, std: float = 0.25) -> torch.Tensor:
@@ -88,7 +92,11 @@ class MAR(Generator):
         num_iter: default sampling steps (``sample(num_steps=...)`` overrides; 64 in the
             paper's speed setting, 256 for its best FID). Ignored by the causal variant,
             which always takes L steps.
-        cfg_schedule: ``linear`` (official default) or ``constant``.
+        cfg_schedule: the default ``guidance_schedule`` of ``sample`` (MAR's spelling):
+            ``linear`` (official default), ``constant`` or ``power-cosine``.
+        norm_eps: epsilon of the blocks' LayerNorms and of ``encoder_norm`` / ``decoder_norm``
+            (the official ``norm_layer=partial(nn.LayerNorm, eps=1e-6)``; ``z_proj_ln`` is
+            always 1e-6, as the official).
         diffloss_noise_schedule: the DiffLoss noise schedule, ``cosine`` (official) or
             ``linear`` (DDPM). With ``cosine`` (beta clipped at 0.999, alpha_bar(999) ~ 2e-9)
             the first reverse step multiplies the eps error at t = 999 by ~300-650 (100 / 50
@@ -105,7 +113,7 @@ class MAR(Generator):
                  diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str | int = "100",
                  diffusion_batch_mul: int = 4, grad_checkpointing: bool = False, order: str = "random",
                  attention: str = "bidirectional", num_iter: int = 64, cfg_schedule: str = "linear",
-                 diffloss_noise_schedule: str = "cosine") -> None:
+                 diffloss_noise_schedule: str = "cosine", norm_eps: float = 1e-6) -> None:
         super().__init__()
         token_shape = tuple(int(s) for s in token_shape)
         if order not in ORDERS:
@@ -117,7 +125,7 @@ class MAR(Generator):
         if attention == "causal" and buffer_size < 1:
             raise ValueError("MAR.attention='causal' needs buffer_size >= 1 (the class rows predict the first token)")
         if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"MAR.cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+            raise GenmodelsError(f"MAR.cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         self.discrete = vocab_size is not None
         if self.discrete:
             self.spec = TokenSpec("discrete", (token_shape,), vocab_size=int(vocab_size))
@@ -146,17 +154,17 @@ class MAR(Generator):
         self.z_proj_ln = nn.LayerNorm(De, eps=1e-6)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, De))
         self.encoder_blocks = nn.ModuleList([
-            Block(De, encoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=1e-6, drop=proj_dropout,
+            Block(De, encoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps, drop=proj_dropout,
                   attn_drop=attn_dropout) for _ in range(encoder_depth)])
-        self.encoder_norm = nn.LayerNorm(De, eps=1e-6)
+        self.encoder_norm = nn.LayerNorm(De, eps=norm_eps)
         # decoder
         self.decoder_embed = nn.Linear(De, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd)) if attention == "bidirectional" else None
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buffer_size, Dd))
         self.decoder_blocks = nn.ModuleList([
-            Block(Dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=1e-6, drop=proj_dropout,
+            Block(Dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps, drop=proj_dropout,
                   attn_drop=attn_dropout) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(Dd, eps=norm_eps)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
         if self.discrete:
             self.head = nn.Linear(Dd, int(vocab_size))
@@ -213,11 +221,14 @@ class MAR(Generator):
                   decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536)
         return cls(**{**kw, **overrides})
 
-    #: README evaluation settings of the released 800-epoch models (FID-50K 2.31 / 1.78 / 1.55).
+    #: README evaluation settings of the released 800-epoch models (FID-50K 2.31 / 1.78 / 1.55),
+    #: in our convention. MAR's knobs mean ours: ``--cfg`` is w (``uncond + w (cond - uncond)``),
+    #: ``--cfg_schedule linear`` our ``guidance_schedule``, ``--temperature`` the noise scale
+    #: (paper spelling: mar_base ``--num_iter 256 --cfg 2.9 --cfg_schedule linear --temperature 1.0``).
     SAMPLE_PRESETS = {
-        "mar_base": dict(num_steps=256, cfg=2.9, temperature=1.0, cfg_schedule="linear"),
-        "mar_large": dict(num_steps=256, cfg=3.0, temperature=1.0, cfg_schedule="linear"),
-        "mar_huge": dict(num_steps=256, cfg=3.2, temperature=1.0, cfg_schedule="linear"),
+        "mar_base": dict(num_steps=256, cfg=2.9, temperature=1.0, guidance_schedule="linear"),
+        "mar_large": dict(num_steps=256, cfg=3.0, temperature=1.0, guidance_schedule="linear"),
+        "mar_huge": dict(num_steps=256, cfg=3.2, temperature=1.0, guidance_schedule="linear"),
         "no_cfg": dict(num_steps=256, cfg=1.0, temperature=0.95),
     }
 
@@ -360,40 +371,52 @@ class MAR(Generator):
 
     # ------------------------------------------------------------------ sampling
     def sample_head(self, z: torch.Tensor, temperature: float, cfg: float, generator: torch.Generator | None,
-                    num_sampling_steps: str | int | None = None) -> torch.Tensor:
-        """Draw tokens for conditions z: (N, D), or (2N, D) = [cond | uncond] when ``cfg != 1``."""
+                    num_sampling_steps: str | int | None = None, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+        """Draw tokens for conditions z: (N, D), or (2N, D) = [cond | uncond] when ``cfg != 1``.
+
+        DiffLoss: ``DiffLoss.sample`` (guidance on eps, ``temperature`` scales the noise).
+        CE head: logits guided as ``sampling.guide``, then ``sampling.sample_categorical``
+        (temperature divides the logits, top-k / top-p filter; ``temperature=0`` is argmax)."""
         if not self.discrete:
             return self.diffloss.sample(z, temperature, cfg, generator=generator, num_sampling_steps=num_sampling_steps)
         logits = self.head(z).float()
         if cfg != 1.0:
             cond, uncond = logits.chunk(2)
-            logits = uncond + cfg * (cond - uncond)
+            logits = sampling.guide(cond, uncond, cfg)
         if temperature == 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return sampling.sample_categorical(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def _cfg_at(self, cfg: float, still_masked: int, schedule: str) -> float:
-        """Guidance strength when ``still_masked`` tokens remain masked after this step."""
-        if schedule == "linear":
-            return 1 + (cfg - 1) * (self.seq_len - still_masked) / self.seq_len
-        return cfg
+        """Guidance weight when ``still_masked`` tokens remain masked after this step
+        (progress (L - still_masked) / L, ``sampling.guidance_weight``)."""
+        return sampling.guidance_weight(cfg, schedule, (self.seq_len - still_masked) / self.seq_len)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
                num_steps: int | None = None, generator: torch.Generator | None = None,
-               cfg_schedule: str | None = None, num_sampling_steps: str | int | None = None,
-               orders: torch.Tensor | None = None) -> torch.Tensor:
+               guidance_schedule: str | None = None, num_sampling_steps: str | int | None = None,
+               orders: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0,
+               cfg_schedule: str | None = None) -> torch.Tensor:
         """Generate tokens (B, L, C) (or (B, L) ids) for ``labels`` (B,) (``num_classes`` = unconditional).
 
         ``num_steps``: autoregressive steps (``num_iter``, default ``self.num_iter``; the causal
-        variant always takes L); ``cfg``: guidance scale (1 = none); ``temperature``: DiffLoss
-        noise scale (or softmax temperature for the CE head); ``num_sampling_steps``: diffusion
+        variant always takes L); ``cfg``: guidance weight w (1 = none, no unconditional pass);
+        ``guidance_schedule``: how w moves with the fraction of generated tokens (default the
+        model's ``cfg_schedule``; ``cfg_schedule`` is accepted as MAR's spelling);
+        ``temperature``: DiffLoss noise scale (or softmax temperature for the CE head);
+        ``top_k`` / ``top_p``: CE head only (0 / 1.0 = off); ``num_sampling_steps``: diffusion
         steps per token (default: the model's); ``orders`` (B, L): fixed generation orders.
         """
-        schedule = cfg_schedule or self.cfg_schedule
-        if schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+        if cfg_schedule is not None and guidance_schedule is not None and cfg_schedule != guidance_schedule:
+            raise GenmodelsError(f"MAR.sample: guidance_schedule={guidance_schedule!r} and its alias "
+                                 f"cfg_schedule={cfg_schedule!r} disagree; give one")
+        schedule = sampling.check_schedule(guidance_schedule or cfg_schedule or self.cfg_schedule)
+        if not self.discrete and (top_k or top_p != 1.0):
+            raise GenmodelsError("MAR.sample: top_k / top_p filter logits, but this MAR has a DiffLoss head "
+                                 "(continuous tokens); leave them at 0 / 1.0")
+        sampling.from_mar_temperature(temperature)  # >= 0 (0: the DiffLoss mean path / the CE argmax)
+        sampling.check_knobs(top_k=top_k, top_p=top_p, cfg=cfg)
         device = self.fake_latent.device
         labels = labels.to(device)
         B, L = labels.shape[0], self.seq_len
@@ -407,7 +430,7 @@ class MAR(Generator):
             tokens = torch.zeros(B, L, self.token_embed_dim, device=device, dtype=self.fake_latent.dtype)
 
         def draw(z: torch.Tensor, cfg_now: float) -> torch.Tensor:
-            return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps)
+            return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps, top_k, top_p)
 
         if self.attention == "causal":
             return self._sample_causal(tokens, cls, guided, cfg, schedule, draw)

@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels import sampling
 from genmodels.generators.base import Generator
+from genmodels.sampling import gumbel_noise
 from genmodels.nn.attention import Block
 from genmodels.tokenizers.base import TokenSpec
 
 MASK_SCHEDULES = ("arccos", "cosine", "linear")
-GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
+GUIDANCE_SCHEDULES = sampling.GUIDANCE_SCHEDULES
 DECODINGS = ("titok", "maskgit")
 
 
@@ -71,12 +73,6 @@ def mask_ratio(r: float | torch.Tensor, schedule: str = "arccos") -> float | tor
     if schedule == "cosine":
         return math.cos(math.pi * 0.5 * r)
     return 1.0 - r
-
-
-def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)), u ~ U[0, 1), logs clamped at 1e-20 (1d-tokenizer)."""
-    u = torch.rand(shape, generator=generator, device=device)
-    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 class MaskGIT(Generator):
@@ -173,14 +169,15 @@ class MaskGIT(Generator):
                   mask_schedule="arccos", label_smoothing=0.1, unmasked_weight=0.1)
         return cls(**{**kw, **overrides})
 
-    #: sampling settings of the official releases (``sample(labels, **SAMPLE_PRESETS[name])``).
-    #: TiTok: configs/infer/TiTok/*.yaml + sample_imagenet_titok.py (softmax annealing on);
-    #: official ``guidance_scale`` g (constant / linear) is ``cfg = 1 + g`` here.
+    #: sampling settings of the official releases (``sample(labels, **SAMPLE_PRESETS[name])``), in
+    #: our convention. TiTok: configs/infer/TiTok/*.yaml + sample_imagenet_titok.py (softmax
+    #: annealing on); its ``guidance_scale`` g maps through ``sampling.from_titok_guidance``
+    #: (paper: l32 g=4.5, b64 g=3.0, guidance_decay linear; randomize_temperature 9.5 / 11.0).
     SAMPLE_PRESETS = {
         "maskgit-paper": dict(cfg=1.0, num_steps=8, choice_temperature=4.5, decoding="maskgit"),
-        "titok-l32": dict(cfg=5.5, guidance_schedule="linear", choice_temperature=9.5, num_steps=8,
+        "titok-l32": dict(**sampling.from_titok_guidance(4.5, "linear"), choice_temperature=9.5, num_steps=8,
                           softmax_temperature_annealing=True, decoding="titok"),
-        "titok-b64": dict(cfg=4.0, guidance_schedule="linear", choice_temperature=11.0, num_steps=8,
+        "titok-b64": dict(**sampling.from_titok_guidance(3.0, "linear"), choice_temperature=11.0, num_steps=8,
                           softmax_temperature_annealing=True, decoding="titok"),
     }
 
@@ -239,24 +236,18 @@ class MaskGIT(Generator):
                        num_steps: int, guidance_pow: float) -> torch.Tensor:
         """Logits at decoding ``step`` with classifier-free guidance (``ImageBert.generate``).
 
-        ``cfg`` is the weight w of ``uncond + w (cond - uncond)`` (1 = no guidance):
-        constant: w; linear: 1 + (step / T)(w - 1) (MUSE; step 0 unguided);
-        power-cosine: 1 + (w - 1)(1 - cos(pi (step/T)^pow)) / 2 (MDT). The constant / linear
-        forms are computed as the official ``cond + g (cond - uncond)`` with g = w_step - 1.
+        ``cfg`` is the weight w of ``uncond + w (cond - uncond)`` (1 = no guidance), moved by
+        ``sampling.guidance_weight`` at progress step / T: constant w; linear 1 + (step/T)(w - 1)
+        (MUSE; step 0 unguided and without the unconditional pass); power-cosine
+        1 + (w - 1)(1 - cos(pi (step/T)^pow)) / 2 (MDT). The constant / linear forms use the
+        official arithmetic ``cond + g (cond - uncond)`` with g = w_step - 1 (``guide(form="cond")``).
         """
-        if schedule == "power-cosine":
-            g = (cfg - 1) * (1 - math.cos(math.pi * (step / num_steps) ** guidance_pow)) / 2 + 1
-            guided = cfg != 1
-        else:
-            g = (cfg - 1) if schedule == "constant" else (step / num_steps) * (cfg - 1)
-            guided = g != 0
-        if not guided:
+        w = sampling.guidance_weight(cfg, schedule, step / num_steps, guidance_pow)
+        if w == 1.0:
             return self(ids, labels).float()
         null = torch.full_like(labels, self.num_classes)
         cond, uncond = self(torch.cat([ids, ids]), torch.cat([labels, null])).float().chunk(2)
-        if schedule == "power-cosine":
-            return uncond + (cond - uncond) * g
-        return cond + (cond - uncond) * g
+        return sampling.guide(cond, uncond, w, form="uncond" if schedule == "power-cosine" else "cond")
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0, num_steps: int | None = 8,
@@ -296,16 +287,14 @@ class MaskGIT(Generator):
             choice_temperature = randomize_temperature
         num_steps = 8 if num_steps is None else int(num_steps)
         mask_schedule = mask_schedule or self.mask_schedule
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        sampling.check_schedule(guidance_schedule)
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
         if mask_schedule not in MASK_SCHEDULES:
             raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {mask_schedule!r}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        sampling.check_knobs(temperature=temperature, cfg=cfg)
         labels = labels.long()
         self.check_inputs(None, labels)
         device = labels.device
@@ -325,11 +314,11 @@ class MaskGIT(Generator):
             if softmax_temperature_annealing:
                 logits = logits / (0.5 + 0.8 * (1.0 - ratio))
             if decoding == "titok":
-                noisy = logits + tau * _gumbel(logits.shape, generator, device) if tau != 0 else logits
+                noisy = logits + tau * gumbel_noise(tuple(logits.shape), generator, device) if tau != 0 else logits
                 sampled = noisy.argmax(-1)
                 score = logits.gather(-1, sampled[..., None]).squeeze(-1)
             else:
-                sampled = (logits + _gumbel(logits.shape, generator, device)).argmax(-1)  # categorical
+                sampled = (logits + gumbel_noise(tuple(logits.shape), generator, device)).argmax(-1)  # categorical
                 score = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
             sampled = torch.where(is_mask, sampled, ids)
             if step == num_steps - 1:
@@ -339,7 +328,7 @@ class MaskGIT(Generator):
                 n_masked = is_mask.sum(-1, keepdim=True)
                 mask_len = torch.full_like(n_masked, math.floor(N * mask_ratio(ratio, mask_schedule)))
                 mask_len = torch.minimum(mask_len, n_masked - 1).clamp(min=1)
-                confidence = score + tau * _gumbel(score.shape, generator, device) if tau != 0 else score
+                confidence = score + tau * gumbel_noise(tuple(score.shape), generator, device) if tau != 0 else score
                 cut_off = confidence.sort(dim=-1).values.gather(-1, mask_len - 1)
                 ids = torch.where(confidence <= cut_off, self.mask_token_id, sampled)
             if return_history:

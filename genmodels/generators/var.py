@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels import sampling
 from genmodels.generators.base import Generator
 from genmodels.nn.adaln import modulate
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
@@ -112,32 +113,6 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
         return modulate(self.ln_wo_grad(x_BLC), shift, scale)
-
-
-def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one id per position from softmax(logits) restricted as the official
-    ``sample_with_top_k_top_p_``: top-k keeps logits >= the k-th largest; top-p sorts
-    ascending and removes the entries whose cumulative probability is <= 1 - p (the most
-    likely entry always stays). Returns (B, l) int64."""
-    B, l, V = logits_BlV.shape
-    logits = logits_BlV.clone()
-    if top_k > 0:
-        kth = logits.topk(min(top_k, V), dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
-
-
-def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Soft Gumbel-softmax with draws from ``generator`` (official ``gumbel_softmax_with_rng``)."""
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
-    return ((logits + gumbels) / tau).softmax(dim=-1)
 
 
 class VAR(Generator):
@@ -404,38 +379,41 @@ class VAR(Generator):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def autoregressive_infer_cfg(self, labels: torch.Tensor, *, cfg: float = 1.5, temperature: float = 1.0,
-                                 top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
-                                 more_smooth: bool = False, use_cache: bool = True
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def autoregressive_infer_cfg(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",
+                                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                                 generator: torch.Generator | None = None, more_smooth: bool = False,
+                                 use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-scale sampling (official ``VAR.autoregressive_infer_cfg``).
 
         For each scale k = 0..K-1: run the transformer on scale k's input (keys/values of
         coarser scales come from a ``KVCache``, or, with ``use_cache=False``, the whole
-        prefix is recomputed under the block-causal mask), guide the logits with
-        t = cfg * k / (K - 1): ``(1 + t) * cond - t * uncond``, divide by ``temperature``,
-        restrict to top-k / top-p and draw with ``torch.multinomial(generator=...)``. The
-        drawn codes are upsampled, refined by phi and accumulated into f_hat, whose
-        area-downsampled copy is the next scale's input. ``cfg == 0`` skips the null-class
-        half of the batch (same result, half the compute).
+        prefix is recomputed under the block-causal mask), guide the logits with weight
+        w_k = ``sampling.guidance_weight(cfg, guidance_schedule, k / (K - 1))`` (the
+        genmodels convention: ``uncond + w (cond - uncond)``), divide by ``temperature``,
+        mask to top-k / top-p IN PLACE (``sampling.filter_logits_``) and draw with
+        ``torch.multinomial(generator=...)``. The drawn codes are upsampled, refined by phi
+        and accumulated into f_hat, whose area-downsampled copy is the next scale's input.
+        ``cfg == 1`` skips the null-class half of the batch.
+
+        The official knobs map as ``sampling.from_var``: its ``cfg`` c is ``cfg = 1 + c,
+        guidance_schedule="linear"`` (its ``(1 + t) cond - t uncond`` with t = c k / (K-1));
+        its ``top_p = 0`` (off) is our ``top_p = 1``. README FID setting: c = 1.5, top_k 900,
+        top_p 0.96, i.e. ``cfg=2.5, guidance_schedule="linear", top_k=900, top_p=0.96``.
 
         labels (B,) int64 (``num_classes`` = unconditional). Returns (tokens (B, L) int64,
         f_hat (B, Cvae, pn_K, pn_K)); with ``more_smooth`` (visualisation only) f_hat comes
-        from Gumbel-softmax mixtures of codes, not from the returned tokens.
+        from Gumbel-softmax mixtures of codes, computed (as the official) from the logits
+        that top-k / top-p already masked, not from the returned tokens.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
+        sampling.check_knobs(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
+        sampling.check_schedule(guidance_schedule)
         quant = self.quantizer
         labels = labels.long()
-        if int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                             f"got [{int(labels.min())}, {int(labels.max())}]")
+        self.check_inputs(None, labels)
         B, K = labels.shape[0], len(self.patch_nums)
-        guided = cfg != 0
+        guided = cfg != 1.0
         if guided:
-            labels = torch.cat((labels, torch.full_like(labels, self.num_classes)))
+            labels = sampling.with_null(labels, self.num_classes)
         sos = cond_BD = self.class_emb(labels)
         n = sos.shape[0]
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
@@ -463,17 +441,20 @@ class VAR(Generator):
                 x = x[:, cur_L - pn * pn:]
             logits_BlV = self.get_logits(x, cond_BD)
             if guided:
-                t = cfg * ratio
-                logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+                w = sampling.guidance_weight(cfg, guidance_schedule, ratio)
+                logits_BlV = sampling.guide(logits_BlV[:B], logits_BlV[B:], w, form="var")
             if temperature != 1.0:
                 logits_BlV = logits_BlV / temperature
-            idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            # in place, as the official sample_with_top_k_top_p_: the smoothed codes below see the mask
+            sampling.filter_logits_(logits_BlV, top_k, top_p)
+            idx_Bl = sampling.sample_categorical(logits_BlV, generator)
             tokens.append(idx_Bl)
             if not more_smooth:
                 h_BlC = quant.embedding(idx_Bl)
             else:  # official: MaskGIT-style smoothed codes, for visualisation only
                 gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h_BlC = gumbel_softmax(logits_BlV.mul(1 + ratio), gum_t, generator) @ quant.embedding.weight.unsqueeze(0)
+                h_BlC = (sampling.gumbel_softmax(logits_BlV.mul(1 + ratio), gum_t, generator)
+                         @ quant.embedding.weight.unsqueeze(0))
             h_BChw = h_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
             f_hat, next_map = quant.get_next_autoregressive_input(si, K, f_hat, h_BChw)
             if si != K - 1:
@@ -484,15 +465,18 @@ class VAR(Generator):
         return torch.cat(tokens, dim=1), f_hat
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, *, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 0.0, num_steps: int | None = None, generator: torch.Generator | None = None,
-               more_smooth: bool = False, use_cache: bool = True) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_steps: int | None = None,
+               generator: torch.Generator | None = None, more_smooth: bool = False,
+               use_cache: bool = True) -> torch.Tensor:
         """Sample token pyramids (B, L) int64 for class ``labels`` (B,); see
         ``autoregressive_infer_cfg``. ``num_steps`` must be None or K (VAR has one step per
-        scale). README FID settings: cfg=1.5, top_k=900, top_p=0.96."""
+        scale). The README's FID setting (official cfg 1.5, top_k 900, top_p 0.96) is
+        ``cfg=2.5, guidance_schedule="linear", top_k=900, top_p=0.96`` (``sampling.from_var``)."""
         self._check_steps(num_steps)
-        return self.autoregressive_infer_cfg(labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                             generator=generator, more_smooth=more_smooth, use_cache=use_cache)[0]
+        return self.autoregressive_infer_cfg(labels, cfg=cfg, guidance_schedule=guidance_schedule,
+                                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                             more_smooth=more_smooth, use_cache=use_cache)[0]
 
     @torch.no_grad()
     def sample_images(self, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:

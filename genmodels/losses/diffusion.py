@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genmodels.nn.adaln import modulate
+from genmodels.sampling import guide
 
 # ---------------------------------------------------------------------------- schedule
 
@@ -405,9 +406,12 @@ class DiffLoss(nn.Module):
 
         Without guidance (``cfg == 1``): ``z`` (N, D) -> tokens (N, C).
         With guidance: ``z`` (2N, D) is ``[conditional | unconditional]``; both halves start
-        from the same noise, ``eps = eps_u + cfg (eps_c - eps_u)`` and the variance comes
+        from the same noise, ``eps = eps_u + cfg (eps_c - eps_u)`` (``sampling.guide``; ``cfg`` is
+        the genmodels guidance weight w, as MAR's) and the variance comes
         from the conditional half (official ``forward_with_cfg``); returns (N, C) -- the
         official code returns (2N, C) with two copies of the same first half.
+        ``temperature`` scales the noise of every reverse step (MAR Sec. 3.3; the paper's knob
+        means ours, ``sampling.from_mar_temperature``); 0 gives the deterministic mean path.
 
         ``noise`` (N, C) / ``step_noises`` (one (N, C) per step) replace the random draws
         (parity tests); otherwise everything is drawn from ``generator``. Cost per step: one
@@ -432,7 +436,7 @@ class DiffLoss(nn.Module):
             out = net.forward_embedded(torch.cat([x, x]) if guided else x, y)
             if guided:
                 eps_c, eps_u = out[:n, :C], out[n:, :C]
-                eps = eps_u + cfg * (eps_c - eps_u)
+                eps = guide(eps_c, eps_u, cfg)  # eps_u + cfg (eps_c - eps_u)
                 var_values = out[:n, C:]
             else:
                 eps, var_values = out[:, :C], out[:, C:]

@@ -5,12 +5,17 @@ Batches are ``(images, labels)`` (tokens computed on the fly by the frozen token
 optimisation (AdamW, warm-up + cosine/constant LR), EMA (Lightning's
 ``EMAWeightAveraging``), per-step seeding (exact resume), sample grids at every
 validation, ``predict`` (PNGs + an ADM-style ``.npz``) and the evaluation hooks;
-the maths lives in the generator.
+the maths lives in the generator. Every image it makes (grids, predict, test) comes from
+one ``genmodels.pipeline.Pipeline`` by its seeding rule (blocks of ``sample_block_size``
+samples per class seeded by ``seed_for(seed, class, block)``), so sample i of class c is
+the same image in all three. Checkpoints hold the tokenizer's config and weights once
+(``genmodels.tokenizer_state_dict``), so ``genmodels.load(ckpt)`` needs no other file.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,15 +23,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
 from genmodels.evaluation import Evaluator
-from genmodels.evaluation.features import to_uint8_nchw
-from genmodels.evaluation.generation import block_seed
 from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
 from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.pipeline import DEFAULT_BLOCK_SIZE, Pipeline
 from genmodels.training.quiet import ignore_frozen_eval_modules
-from genmodels.utils.images import save_grid, save_pngs, to_uint8
+from genmodels.utils.images import quantize_uint8, save_grid, save_pngs, to_uint8, write_adm_npz
 from genmodels.utils.paths import run_dir
 
 
@@ -41,6 +45,9 @@ class GeneratorModule(LightningModule):
             evaluation (e.g. ``{cfg: 2.0, temperature: 1.0, num_steps: 8}``).
         grid_per_class: samples per class in each validation grid.
         seed: base of the per-step training seeds and of the sampling seeds.
+        sample_block_size: S of the seeding rule (``genmodels.pipeline``): samples are made in
+            per-class blocks of S; grids, predict and test all use it (a grid costs
+            ``grid_classes * S`` samples).
         evaluator: a ``genmodels.evaluation.Evaluator`` used by ``genmodels test``.
     """
 
@@ -49,7 +56,7 @@ class GeneratorModule(LightningModule):
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = None, seed: int = 0,
-                 evaluator: Evaluator | None = None) -> None:
+                 evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
@@ -65,6 +72,7 @@ class GeneratorModule(LightningModule):
         self.generator = generator
         self.sample_kwargs = dict(sample_kwargs or {})
         self.evaluator = evaluator
+        self._pipeline = Pipeline(self.generator, self.tokenizer, self.sample_kwargs)
 
     def train(self, mode: bool = True) -> "GeneratorModule":
         super().train(mode)
@@ -87,16 +95,26 @@ class GeneratorModule(LightningModule):
             tokens = self.tokenizer.encode(images)
         return tokens, labels.long()
 
+    @property
+    def pipeline(self) -> Pipeline:
+        """The module's generator + tokenizer + ``sample_kwargs`` (shared modules, no copies)."""
+        self._pipeline.sample_kwargs = self.sample_kwargs
+        return self._pipeline
+
     @torch.no_grad()
     def sample_images(self, labels: torch.Tensor, generator: torch.Generator | None = None,
                       **overrides: Any) -> torch.Tensor:
         """Generate images (B, 3, H, W) in [-1, 1] for class ``labels`` (B,)."""
-        kwargs = {**self.sample_kwargs, **overrides}
-        tokens = self.generator.sample(labels.to(self.device), generator=generator, **kwargs)
-        return self.tokenizer.decode(tokens).clamp(-1, 1)
+        return self.pipeline.sample(labels.to(self.device), generator=generator, **overrides)
 
-    def _seeded(self, offset: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + offset)
+    def block_sampler(self, seed: int | None = None, **overrides: Any):
+        """``fn(class_id, block) -> uint8 (S, 3, H, W)``: ``Pipeline.sample_block`` with this
+        module's seed (or ``seed``), ``sample_block_size`` and ``sample_kwargs`` (+ ``overrides``)
+        -- the one generation path of grids, ``predict`` and ``test``. ``fn.block_size`` is S."""
+        fn = functools.partial(self.pipeline.sample_block, seed=self.hparams.seed if seed is None else seed,
+                               block_size=self.hparams.sample_block_size, **{**self.sample_kwargs, **overrides})
+        fn.block_size = self.hparams.sample_block_size  # type: ignore[attr-defined]
+        return fn
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -120,29 +138,19 @@ class GeneratorModule(LightningModule):
 
     @torch.no_grad()
     def write_grid(self) -> Path:
-        """One row per class (``grid_per_class`` samples each) -> PNG in the log folder.
-        Runs inside validation, so with EMA on it shows the EMA weights."""
+        """One row per class (its first ``grid_per_class`` samples by the seeding rule, the
+        same images ``predict`` and ``test`` make) -> PNG in the log folder. Runs inside
+        validation, so with EMA on it shows the EMA weights."""
         n_cls = self.hparams.grid_classes or self.generator.num_classes
         k = self.hparams.grid_per_class
-        labels = torch.arange(n_cls, device=self.device).repeat_interleave(k)
-        images = self.sample_images(labels, generator=self._seeded(0))
+        images, _ = self.pipeline.sample_classes(range(n_cls), k, seed=self.hparams.seed,
+                                                 block_size=self.hparams.sample_block_size)
+        images = images.float() / 127.5 - 1
         path = run_dir(self.trainer) / "samples" / (
             f"samples_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png")
         return save_grid(images, path, nrow=k, scale=2)
 
     # ------------------------------------------------------------------ evaluation (genmodels test)
-    def evaluation_sample_block(self, block_size: int) -> Callable[[int, int], torch.Tensor]:
-        """The judge's ``sample_block(class_id, block) -> uint8 (S, 3, H, W)``: S samples of one
-        class seeded by ``block_seed(evaluator.seed, class_id, block)``, with the evaluator's
-        ``sample_kwargs`` over the module's. (Adapter until ``Pipeline.sample_block`` exists.)"""
-        seed, overrides = self.evaluator.seed, dict(self.evaluator.sample_kwargs)
-
-        def sample_block(class_id: int, block: int) -> torch.Tensor:
-            labels = torch.full((block_size,), class_id, dtype=torch.long, device=self.device)
-            g = torch.Generator(device=self.device).manual_seed(block_seed(seed, class_id, block))
-            return to_uint8_nchw(self.sample_images(labels, generator=g, **overrides))
-        return sample_block
-
     def test_step(self, batch: Any, batch_idx: int) -> None:
         if self.evaluator is not None:  # the judge generates its own samples: test batches are not used
             return
@@ -156,17 +164,50 @@ class GeneratorModule(LightningModule):
         ev, trainer = self.evaluator, self.trainer
         metadata = {**model_metadata(self.generator, self.tokenizer), "sampling": dict(self.sample_kwargs),
                     "ckpt_path": trainer.ckpt_path, "config_saved": str(run_dir(trainer) / "config.yaml")}
-        metrics = ev.evaluate(self.evaluation_sample_block(ev.batch_size), ev.batch_size,
+        if ev.seed is None:
+            ev.seed = self.hparams.seed  # the judge's samples are predict's: same seed, same blocks
+        sampler = self.block_sampler(seed=ev.seed, **ev.sample_kwargs)
+        metrics = ev.evaluate(sampler, sampler.block_size,
                               num_classes=int(getattr(self.generator, "num_classes", 0) or 0) or 1,
                               datamodule=trainer.datamodule or getattr(self, "evaluation_datamodule", None),
                               metadata=metadata, out_dir=run_dir(trainer), device=self.device)
         self.log_dict(metrics, sync_dist=False)
 
+    def on_predict_start(self) -> None:
+        """Assign every predict index a (class, per-class index) by the seeding rule.
+
+        The predict set's labels (the data module's ``(labels, indices)``) fix how many samples
+        of each class are made; index i is the i-th of the enumeration "block 0 of every class,
+        then block 1 of every class, ...", so consecutive indices share blocks and a block is
+        generated once per batch that needs it (under DDP's strided sampler each rank may
+        regenerate blocks it shares with other ranks: same images, more compute)."""
+        loader = self.trainer.predict_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        ds = loader.dataset  # the whole set (not this rank's share): every rank gets the same enumeration
+        labels = ds.tensors[0] if hasattr(ds, "tensors") else torch.as_tensor([int(ds[i][0]) for i in range(len(ds))])
+        labels = labels.reshape(-1).long()
+        counts = torch.bincount(labels).tolist() if labels.numel() else []
+        S = self.hparams.sample_block_size
+        order = []
+        for b in range((max(counts, default=0) + S - 1) // S):
+            for c, n in enumerate(counts):
+                order += [(c, j) for j in range(b * S, min((b + 1) * S, n))]
+        self._predict_order = torch.tensor(order, dtype=torch.long).reshape(-1, 2)
+        self._predict_blocks: dict[tuple[int, int], torch.Tensor] = {}
+
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        labels, indices = batch
-        # One seed per batch, from its first sample index: reproducible for a given predict batch size.
-        images = self.sample_images(labels, generator=self._seeded(1 + int(indices[0])))
-        return {"images": images.cpu(), "labels": labels.cpu(), "indices": indices.cpu()}
+        _, indices = batch
+        cj = self._predict_order[indices.cpu()]
+        S, sampler = self.hparams.sample_block_size, self.block_sampler()
+        needed = sorted({(int(c), int(j) // S) for c, j in cj.tolist()})
+        blocks = {key: self._predict_blocks.get(key) for key in needed}
+        for (c, b), img in blocks.items():
+            if img is None:
+                blocks[(c, b)] = sampler(c, b).cpu()
+        self._predict_blocks = blocks  # keep this batch's blocks for the next one
+        images = torch.stack([blocks[(int(c), int(j) // S)][int(j) % S] for c, j in cj.tolist()])
+        return {"images": images.float() / 127.5 - 1, "labels": cj[:, 0], "indices": indices.cpu(),
+                "class_index": cj[:, 1]}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -186,42 +227,65 @@ class GeneratorModule(LightningModule):
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["genmodels"] = {"generator": self.generator.config, "tokenizer": self.tokenizer.config}
+        """Record the configs, the default knobs and the frozen tokenizer's weights ONCE
+        (``genmodels.tokenizer_state_dict``): they are dropped from ``state_dict`` and from the
+        EMA callback's ``current_model_state`` (Lightning runs callbacks' hooks first)."""
+        checkpoint["genmodels"] = {"generator": self.generator.config, "tokenizer": self.tokenizer.config,
+                                   "tokenizer_state_dict": {k: v.detach().cpu() for k, v in
+                                                            self.tokenizer.state_dict().items()},
+                                   "sample_kwargs": dict(self.sample_kwargs)}
+        for key in ("state_dict", "current_model_state"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("tokenizer.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the stored tokenizer weights back into the state dicts Lightning loads."""
+        tok = (checkpoint.get("genmodels") or {}).get("tokenizer_state_dict")
+        if tok is None:
+            return  # an older checkpoint: the tokenizer is inside state_dict
+        for key in ("state_dict", "current_model_state"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key].update({f"tokenizer.{k}": v for k, v in tok.items()})
 
 
 class PredictionWriter(BasePredictionWriter):
     """``genmodels predict``: every sample as ``{index:06d}_class{c}.png`` and, at the end,
     all samples as an ADM-style ``samples_NxHxWx3.npz`` (``arr_0`` uint8 NHWC, ``arr_1``
-    labels) under ``<log_dir>/predictions`` (per-rank files under DDP)."""
+    labels, in index order; ``genmodels.utils.images.write_adm_npz``) under
+    ``<log_dir>/predictions`` (per-rank files under DDP). Index i is the sample of
+    ``GeneratorModule.on_predict_start``'s enumeration, the class in its file name."""
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
-        self._images: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
+        self._images: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
 
     def _dir(self, trainer: Any) -> Path:
         return run_dir(trainer) / "predictions"
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        self._images, self._labels = [], []
+        self._images, self._labels, self._indices = [], [], []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         images, labels = prediction["images"], prediction["labels"]
         save_pngs(images, self._dir(trainer) / "png", indices=prediction["indices"], labels=labels)
-        self._images.append(to_uint8(images).numpy())
-        self._labels.append(labels.numpy())
+        self._images.append(quantize_uint8(images))
+        self._labels.append(labels)
+        self._indices.append(prediction["indices"])
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._images:
             return
-        arr = np.concatenate(self._images)
+        order = torch.cat(self._indices).argsort()
+        images, labels = torch.cat(self._images)[order], torch.cat(self._labels)[order]
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        path = self._dir(trainer) / f"samples_{'x'.join(map(str, arr.shape))}{suffix}.npz"
-        labels = np.concatenate(self._labels)
-        np.savez(path, arr_0=arr, arr_1=labels)
+        shape = (images.shape[0], images.shape[2], images.shape[3], images.shape[1])
+        path = write_adm_npz(self._dir(trainer) / f"samples_{'x'.join(map(str, shape))}{suffix}.npz", images, labels)
+        labels = labels.numpy()
         # one grid, a row per class (first 10 samples of each), for a quick look
         order = np.concatenate([np.flatnonzero(labels == c)[:10] for c in np.unique(labels)])
-        grid = torch.from_numpy(arr[order]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        grid = images[torch.from_numpy(order)].float() / 127.5 - 1
         per_row = int(min(10, np.bincount(labels).max()))
         save_grid(grid, path.parent / f"grid{suffix}.png", nrow=per_row, scale=2)
-        print(f"genmodels predict: wrote {len(arr)} samples to {path.parent} (grid{suffix}.png: a row per class)")
+        print(f"genmodels predict: wrote {len(images)} samples to {path.parent} (grid{suffix}.png: a row per class)")

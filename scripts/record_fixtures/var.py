@@ -23,7 +23,8 @@ mistake), and record:
 * ``official_var_keys.json``: state-dict keys and shapes of the official d16 and d36-saln
   (512 px) models from ``build_vae_var`` on the meta device;
 * sampling with ``autoregressive_infer_cfg``: greedy (top_k=1) with cfg 0 and 1.5, and
-  random (top_k=8, top_p=0.9, cfg 2.0) and ``more_smooth`` draws seeded with ``g_seed``.
+  random (top_k=8, top_p=0.9, cfg 2.0; top_p=0.7, cfg 0.5) and ``more_smooth`` draws (cfg 1
+  without filtering; cfg 1.5 and 0 with top-k AND top-p active) seeded with ``g_seed``.
   Tokens are captured by wrapping ``sample_with_top_k_top_p_``; images are the official
   output in [0, 1]. The official sampler draws from ``self.rng`` (a CPU generator seeded
   with ``g_seed``); passing ``torch.Generator().manual_seed(g_seed)`` to our sampler gives
@@ -61,6 +62,10 @@ SAMPLING = {  # name -> kwargs of autoregressive_infer_cfg
     "greedy_cfg1.5": dict(cfg=1.5, top_k=1, top_p=0.0, g_seed=0),
     "random_cfg2": dict(cfg=2.0, top_k=8, top_p=0.9, g_seed=7),
     "smooth_cfg1": dict(cfg=1.0, top_k=0, top_p=0.0, g_seed=3, more_smooth=True),
+    # issue 11: the smoothed codes must see the logits AFTER top-k / top-p masked them in place
+    "smooth_cfg1.5_k8_p0.9": dict(cfg=1.5, top_k=8, top_p=0.9, g_seed=11, more_smooth=True),
+    "smooth_cfg0_k16_p0.8": dict(cfg=0.0, top_k=16, top_p=0.8, g_seed=13, more_smooth=True),
+    "random_cfg0.5_p0.7": dict(cfg=0.5, top_k=0, top_p=0.7, g_seed=17),
 }
 
 
