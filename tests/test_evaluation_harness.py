@@ -62,7 +62,7 @@ def test_judge_scores_writes_a_row_naming_its_rules_and_reuses_the_content_cache
     bad = Evaluator(**kw).evaluate(pool_sampler(x, y, 32, noise=0.5), 32, 10, datamodule=dm)
     print(f"pool of real test digits: {good}\nhalf noise: {bad}")
     assert good["test/fid"] < 25 and bad["test/fid"] > 8 * good["test/fid"]
-    assert good["test/precision"] > 0.8 and bad["test/precision"] < 0.6 and good["test/is"] > 8.5
+    assert good["test/precision"] > 0.7 and bad["test/precision"] < 0.5 and good["test/is"] > 8.5
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
     class NoImages(torch.utils.data.Dataset):  # the second run must read the cache

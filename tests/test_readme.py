@@ -17,8 +17,9 @@ PATH_RE = re.compile(r"(?<![\w./-])((?:configs|scripts|benchmarks|docs|tests|gen
 COMMAND_RE = re.compile(r"^genmodels (fit|validate|test|predict)\b")
 
 
-def code_blocks(text: str) -> list[str]:
-    return re.findall(r"^```(?:bash|sh)?\n(.*?)^```", text, flags=re.S | re.M)
+def code_blocks(text: str, langs: tuple[str, ...] = ("", "bash", "sh")) -> list[str]:
+    """The fenced code blocks of ``text`` whose language tag is in ``langs``."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M) if lang in langs]
 
 
 def readme_commands(text: str) -> list[list[str]]:
