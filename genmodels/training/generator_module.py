@@ -9,6 +9,7 @@ the maths lives in the generator.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation import Evaluator
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
@@ -36,6 +38,11 @@ class GeneratorModule(LightningModule):
         sample_kwargs: sampling knobs passed to ``generator.sample`` for grids, predict and
             evaluation (e.g. ``{cfg: 2.0, temperature: 1.0, num_steps: 8}``).
         grid_per_class: samples per class in each validation grid.
+        grid_classes: at most this many classes (the first ones) in each validation grid
+            (0 = no grid, None = every class). Kept small: on ImageNet the grid is drawn on rank 0 while the
+            other ranks wait.
+        grid_sample_kwargs: knobs that override ``sample_kwargs`` for the grids only (a cheap
+            setting, e.g. MAR ``{num_steps: 32, num_sampling_steps: 50}``); None = the same.
         seed: base of the per-step training seeds and of the sampling seeds.
         evaluator: a ``genmodels.evaluation.Evaluator`` used by ``genmodels test``.
     """
@@ -44,8 +51,8 @@ class GeneratorModule(LightningModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
-                 grid_per_class: int = 4, grid_classes: int | None = None, seed: int = 0,
-                 evaluator: Evaluator | None = None) -> None:
+                 grid_per_class: int = 4, grid_classes: int | None = 10, grid_sample_kwargs: dict[str, Any] | None = None,
+                 seed: int = 0, evaluator: Evaluator | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
@@ -89,8 +96,18 @@ class GeneratorModule(LightningModule):
         return torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + offset)
 
     # ------------------------------------------------------------------ steps
+    def on_train_start(self) -> None:
+        self._total_steps = self.trainer.estimated_stepping_batches
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.hparams.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank, self.trainer.world_size)
+        if hasattr(self.generator, "set_train_progress"):  # e.g. VAR's progressive training (pg > 0)
+            total = getattr(self, "_total_steps", None) or self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise GenmodelsError("progressive training needs a finite run length: set trainer.max_steps or "
+                                     "trainer.max_epochs")
+            # optimizer steps (global_step), like the LR schedule: resumed runs follow the same stages
+            self.generator.set_train_progress(self.global_step, int(total), self.hparams.warmup_steps)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
@@ -105,17 +122,17 @@ class GeneratorModule(LightningModule):
         tokens, labels = self.tokens_and_labels(batch)
         out = self.generator.forward_loss(tokens, labels)
         self.log("val/loss", out["loss"].detach(), sync_dist=True, prog_bar=True)
-        if batch_idx == 0 and self.trainer.is_global_zero:
+        if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.grid_classes != 0:
             self.write_grid()
 
     @torch.no_grad()
     def write_grid(self) -> Path:
         """One row per class (``grid_per_class`` samples each) -> PNG in the log folder.
         Runs inside validation, so with EMA on it shows the EMA weights."""
-        n_cls = self.hparams.grid_classes or self.generator.num_classes
+        n_cls = min(self.hparams.grid_classes or self.generator.num_classes, self.generator.num_classes)
         k = self.hparams.grid_per_class
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(k)
-        images = self.sample_images(labels, generator=self._seeded(0))
+        images = self.sample_images(labels, generator=self._seeded(0), **(self.hparams.grid_sample_kwargs or {}))
         path = run_dir(self.trainer) / "samples" / (
             f"samples_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png")
         return save_grid(images, path, nrow=k, scale=2)
