@@ -120,11 +120,11 @@ def test_data_configs_agree_with_the_papers():
 CLASSES = ("n01440764", "n01443537", "n01484850")
 
 
-def _fake_imagenet(root: Path, per_class: int = 4) -> tuple[Path, Path]:
+def _fake_imagenet(root: Path, per_class: int = 4, num_classes: int = 3) -> tuple[Path, Path]:
     """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, odd sizes and aspect ratios like ImageNet's."""
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", 2)):
-        for c, wnid in enumerate(CLASSES):
+        for c, wnid in enumerate(CLASSES[:num_classes]):
             (root / split / wnid).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
