@@ -170,6 +170,15 @@ class GeneratorModule(LightningModule):
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        model = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and hasattr(model, "clip_grad_norm_"):
+            # FSDP (configs/trainer/fsdp.yaml): the norm over every shard; Lightning's FSDPPrecision refuses 'norm'
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_callbacks(self) -> list:
         callbacks: list = [PredictionWriter()]
         if self.hparams.ema_decay is not None:
