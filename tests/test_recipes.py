@@ -278,3 +278,44 @@ def test_vq_tokenizer_recipe_fast_dev_run_with_gan(imagenet, tmp_path):
              "init_args": {"global_batch": 2, "base_lr": 1e-4, "base_batch": 2}}]),
     }
     main(["fit", *_args(_files("imagenet256_vq")), "-c", _write(tmp_path / "over.yaml", over)])
+
+
+def test_maskgit_recipe_fast_dev_run(imagenet, tmp_path):
+    """configs/data/imagenet256 + generators/maskgit_imagenet256 + experiments/imagenet256_maskgit + trainer/ddp."""
+    train, val = imagenet
+    tok = _save_tokenizer(tmp_path / "vq.ckpt", "tokenizers/maskgit_vqgan_f16.yaml", vocab_size=32, z_channels=8,
+                          ch=32, ch_mult=[1, 2], v_patch_nums=[4])
+    over = {
+        "data": {"init_args": {"train_dir": str(train), "val_dir": str(val), "num_classes": 3, "image_size": 8,
+                               "batch_size": 2, "num_workers": 0, "pin_memory": False}},
+        "model": {"init_args": {"tokenizer_ckpt": str(tok), "generator": {"init_args": {
+            "vocab_size": 32, "token_shape": [4, 4], "num_classes": 3, "hidden_size": 32, "depth": 1,
+            "num_heads": 2, "intermediate_size": 64}}}},
+        "trainer": _cpu_trainer(tmp_path, fast_dev_run=True, callbacks=[
+            {"class_path": "genmodels.training.recipe.GlobalBatch",
+             "init_args": {"global_batch": 2, "base_lr": 1e-4, "base_batch": 2}}]),
+    }
+    main(["fit", *_args(_files("imagenet256_maskgit")), "-c", _write(tmp_path / "over.yaml", over)])
+    assert list(tmp_path.glob("**/samples/samples_*.png")), "the validation grid was not drawn"
+
+
+@pytest.mark.parametrize("exp", ["imagenet256_kl16", "imagenet256_var_vqvae"])
+def test_tokenizer_recipes_fast_dev_run_with_gan(exp, imagenet, tmp_path):
+    """KL-16 (LDM recipe) and VAR's multi-scale VQ-VAE (our recipe), sizes shrunk, GAN from the first step."""
+    train, val = imagenet
+    tok = {"imagenet256_kl16": {"embed_dim": 4, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": 16,
+                                "attn_resolutions": []},
+           "imagenet256_var_vqvae": {"vocab_size": 32, "z_channels": 8, "ch": 32, "ch_mult": [1, 2],
+                                     "num_res_blocks": 1, "using_sa": False, "using_mid_sa": False,
+                                     "v_patch_nums": [1, 2, 4, 8], "share_quant_resi": 2}}[exp]
+    gb = {"imagenet256_kl16": {"global_batch": 2, "base_lr": 4.32e-4 / 2, "base_batch": 1},
+          "imagenet256_var_vqvae": {"global_batch": 2, "base_lr": 1e-4, "base_batch": 2}}[exp]
+    over = {
+        "data": {"init_args": {"train_dir": str(train), "val_dir": str(val), "num_classes": 3, "image_size": 16,
+                               "batch_size": 2, "num_workers": 0, "pin_memory": False}},
+        "model": {"init_args": {"perceptual_weight": 0.0, "disc_start": 0, "disc_ndf": 8, "disc_layers": 1,
+                                "tokenizer": {"init_args": tok}}},
+        "trainer": _cpu_trainer(tmp_path, fast_dev_run=True, callbacks=[
+            {"class_path": "genmodels.training.recipe.GlobalBatch", "init_args": gb}]),
+    }
+    main(["fit", *_args(_files(exp)), "-c", _write(tmp_path / "over.yaml", over)])
