@@ -319,3 +319,32 @@ def test_tokenizer_recipes_fast_dev_run_with_gan(exp, imagenet, tmp_path):
             {"class_path": "genmodels.training.recipe.GlobalBatch", "init_args": gb}]),
     }
     main(["fit", *_args(_files(exp)), "-c", _write(tmp_path / "over.yaml", over)])
+
+
+def test_var_data_config_is_vars_preprocessing(tmp_path):
+    """configs/data/imagenet256_var.yaml (image_size shrunk to 16): train items are 16x16 windows of the
+    LANCZOS resize of the short side to round(1.125 x 16) = 18, never flipped, at several offsets; val
+    items are the centre window (torchvision Resize + RandomCrop / CenterCrop, ToTensor, x * 2 - 1)."""
+    from genmodels.utils.config import instantiate
+    rng = np.random.default_rng(1)
+    img = (rng.random((24, 40, 3)) * 255).astype(np.uint8)  # h 24, w 40: no symmetry
+    for split in ("train", "val"):
+        (tmp_path / split / "n0").mkdir(parents=True)
+        Image.fromarray(img).save(tmp_path / split / "n0" / "a.png")
+    cfg = yaml.safe_load((C / "data/imagenet256_var.yaml").read_text())["data"]
+    cfg["init_args"].update(train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), num_classes=1,
+                            image_size=16)
+    dm = instantiate(cfg)
+    ref = np.asarray(Image.fromarray(img).resize((int(18 * 40 / 24), 18), resample=Image.LANCZOS))  # (18, 30, 3)
+    to_x = lambda a: torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1) / 255 * 2 - 1
+    windows = {(i, j): to_x(ref[i:i + 16, j:j + 16]) for i in range(3) for j in range(15)}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        x, _ = dm.dataset("train", augment=True)[0]
+        hits = [k for k, w in windows.items() if torch.allclose(x, w, atol=1e-6)]
+        assert len(hits) == 1, "a train item is not an unflipped window of the LANCZOS resize"
+        seen.add(hits[0])
+    assert len(seen) > 5  # random crops
+    x, _ = dm.dataset("val")[0]
+    assert torch.allclose(x, windows[(1, 7)], atol=1e-6)  # centre: round((18-16)/2) = 1, round((30-16)/2) = 7
