@@ -39,8 +39,8 @@ class GeneratorModule(LightningModule):
             evaluation (e.g. ``{cfg: 2.0, temperature: 1.0, num_steps: 8}``).
         grid_per_class: samples per class in each validation grid.
         grid_classes: at most this many classes (the first ones) in each validation grid
-            (0 = no grid, None = every class). Kept small: on ImageNet the grid is drawn on rank 0 while the
-            other ranks wait.
+            (0 = no grid, None = every class). Kept small: on ImageNet the grid is drawn on
+            rank 0 while the other ranks wait.
         grid_sample_kwargs: knobs that override ``sample_kwargs`` for the grids only (a cheap
             setting, e.g. MAR ``{num_steps: 32, num_sampling_steps: 50}``); None = the same.
         seed: base of the per-step training seeds and of the sampling seeds.
@@ -51,8 +51,9 @@ class GeneratorModule(LightningModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
-                 grid_per_class: int = 4, grid_classes: int | None = 10, grid_sample_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, evaluator: Evaluator | None = None) -> None:
+                 grid_per_class: int = 4, grid_classes: int | None = 10,
+                 grid_sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
+                 evaluator: Evaluator | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early

@@ -50,8 +50,8 @@ class GlobalBatch(Callback):
             hint = (f"set trainer.accumulate_grad_batches={self.global_batch // per_step}"
                     if self.global_batch % per_step == 0 else "change data.init_args.batch_size")
             raise GenmodelsError(
-                f"global batch is {trainer.num_devices} devices x {trainer.num_nodes} nodes x batch_size {per_device} x "
-                f"accumulate_grad_batches {accumulate} = {actual}, but the recipe's is {self.global_batch} "
+                f"global batch is {trainer.num_devices} devices x {trainer.num_nodes} nodes x batch_size {per_device} "
+                f"x accumulate_grad_batches {accumulate} = {actual}, but the recipe's is {self.global_batch} "
                 f"(GlobalBatch.global_batch): {hint}")
         want = self.expected_lr()
         lr = getattr(pl_module.hparams, "lr", None)
