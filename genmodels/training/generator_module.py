@@ -14,6 +14,7 @@ the same image in all three. Checkpoints hold the tokenizer's config and weights
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation import Evaluator
 from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
@@ -44,6 +46,11 @@ class GeneratorModule(LightningModule):
         sample_kwargs: sampling knobs passed to ``generator.sample`` for grids, predict and
             evaluation (e.g. ``{cfg: 2.0, temperature: 1.0, num_steps: 8}``).
         grid_per_class: samples per class in each validation grid.
+        grid_classes: at most this many classes (the first ones) in each validation grid
+            (0 = no grid, None = every class). Kept small: on ImageNet the grid is drawn on
+            rank 0 while the other ranks wait.
+        grid_sample_kwargs: knobs that override ``sample_kwargs`` for the grids only (a cheap
+            setting, e.g. MAR ``{num_steps: 32, num_sampling_steps: 50}``); None = the same.
         seed: base of the per-step training seeds and of the sampling seeds.
         sample_block_size: S of the seeding rule (``genmodels.pipeline``): samples are made in
             per-class blocks of S; grids, predict and test all use it (a grid costs
@@ -55,7 +62,8 @@ class GeneratorModule(LightningModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
-                 grid_per_class: int = 4, grid_classes: int | None = None, seed: int = 0,
+                 grid_per_class: int = 4, grid_classes: int | None = 10,
+                 grid_sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
@@ -84,6 +92,7 @@ class GeneratorModule(LightningModule):
 
     def on_train_start(self) -> None:
         getattr(self, "_unignore_frozen", lambda: None)()
+        self._total_steps = self.trainer.estimated_stepping_batches
 
     # ------------------------------------------------------------------ data -> tokens
     @torch.no_grad()
@@ -119,6 +128,13 @@ class GeneratorModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.hparams.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank, self.trainer.world_size)
+        if hasattr(self.generator, "set_train_progress"):  # e.g. VAR's progressive training (pg > 0)
+            total = getattr(self, "_total_steps", None) or self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise GenmodelsError("progressive training needs a finite run length: set trainer.max_steps or "
+                                     "trainer.max_epochs")
+            # optimizer steps (global_step), like the LR schedule: resumed runs follow the same stages
+            self.generator.set_train_progress(self.global_step, int(total), self.hparams.warmup_steps)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
@@ -133,7 +149,7 @@ class GeneratorModule(LightningModule):
         tokens, labels = self.tokens_and_labels(batch)
         out = self.generator.forward_loss(tokens, labels)
         self.log("val/loss", out["loss"].detach(), sync_dist=True, prog_bar=True)
-        if batch_idx == 0 and self.trainer.is_global_zero:
+        if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.grid_classes != 0:
             self.write_grid()
 
     @torch.no_grad()
@@ -141,10 +157,11 @@ class GeneratorModule(LightningModule):
         """One row per class (its first ``grid_per_class`` samples by the seeding rule, the
         same images ``predict`` and ``test`` make) -> PNG in the log folder. Runs inside
         validation, so with EMA on it shows the EMA weights."""
-        n_cls = self.hparams.grid_classes or self.generator.num_classes
+        n_cls = min(self.hparams.grid_classes or self.generator.num_classes, self.generator.num_classes)
         k = self.hparams.grid_per_class
         images, _ = self.pipeline.sample_classes(range(n_cls), k, seed=self.hparams.seed,
-                                                 block_size=self.hparams.sample_block_size)
+                                                 block_size=self.hparams.sample_block_size,
+                                                 **(self.hparams.grid_sample_kwargs or {}))
         images = images.float() / 127.5 - 1
         path = run_dir(self.trainer) / "samples" / (
             f"samples_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png")
@@ -217,6 +234,15 @@ class GeneratorModule(LightningModule):
         opt = torch.optim.AdamW(param_groups(self.generator, h.weight_decay, no_decay), lr=h.lr, betas=h.betas)
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        model = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and hasattr(model, "clip_grad_norm_"):
+            # FSDP (configs/trainer/fsdp.yaml): the norm over every shard; Lightning's FSDPPrecision refuses 'norm'
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list:
         callbacks: list = [PredictionWriter()]

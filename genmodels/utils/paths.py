@@ -14,6 +14,10 @@ def run_dir(trainer: Any) -> Path:
     """
     loggers = trainer.loggers
     if loggers:
-        log_dir = getattr(loggers[0], "log_dir", None)
-        return Path(log_dir if log_dir is not None else loggers[0].save_dir)
-    return Path(trainer.default_root_dir)
+        folder = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
+        if folder is not None:  # fast_dev_run's DummyLogger has neither
+            return Path(folder)
+    if hasattr(trainer, "strategy"):  # a Lightning Trainer without a logger
+        return Path(trainer.default_root_dir)
+    # a stand-in object (tests, scripts): its own log_dir / default_root_dir
+    return Path(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or ".")
