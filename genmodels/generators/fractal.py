@@ -118,9 +118,15 @@ class PixelLoss(nn.Module):
         self.r_mlm, self.g_mlm, self.b_mlm = _Bias(256), _Bias(256), _Bias(256)
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
         self.register_buffer("pix_std", torch.tensor(IMAGENET_STD), persistent=False)
+        self.reset_constants()
         for cb in (self.r_codebook, self.g_codebook, self.b_codebook):
             nn.init.normal_(cb.weight, std=0.02)
         _init_vit_(self)
+
+    def reset_constants(self) -> None:
+        """(Re)compute the non-persistent buffers (after ``to_empty``)."""
+        self.pix_mean = torch.tensor(IMAGENET_MEAN, device=self.pix_mean.device)
+        self.pix_std = torch.tensor(IMAGENET_STD, device=self.pix_std.device)
 
     def _codebooks(self) -> tuple[nn.Embedding, nn.Embedding, nn.Embedding]:
         return self.r_codebook, self.g_codebook, self.b_codebook
@@ -212,9 +218,14 @@ class ARLevel(nn.Module):
         self.blocks = nn.ModuleList([LlamaBlock(embed_dim, num_heads, 1e-5, resid_dropout=dropout, ffn_dropout=dropout)
                                      for _ in range(num_blocks)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.register_buffer("rope", rope_2d(grid, embed_dim // num_heads, 10000.0, num_prefix=1), persistent=False)
+        self.head_dim = embed_dim // num_heads
+        self.register_buffer("rope", rope_2d(grid, self.head_dim, 10000.0, num_prefix=1), persistent=False)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
         _init_vit_(self)
+
+    def reset_constants(self) -> None:
+        """(Re)compute the non-persistent RoPE table (after ``to_empty``)."""
+        self.rope = rope_2d(math.isqrt(self.seq_len), self.head_dim, 10000.0, num_prefix=1).to(self.rope.device)
 
     def predict(self, patches: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """patches (N, L, 3 p p), conditions (N, c) -> [middle (N, L, D)] (teacher forcing)."""
@@ -483,6 +494,15 @@ class FractalGen(Generator):
             nxt = FractalLevel(_build_level(l, *args), nxt)
         self.generator = _build_level(0, *args)
         self.next_fractal = nxt
+
+    def reset_constants(self) -> "FractalGen":
+        """Recompute every non-persistent buffer (RoPE tables, pixel mean / std), e.g. after
+        ``to_empty``: the converters build the official sizes on the meta device (no random
+        init of hundreds of millions of weights) and then load the file."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_constants"):
+                m.reset_constants()
+        return self
 
     # ------------------------------------------------------------------ official sizes
     @classmethod
