@@ -483,6 +483,7 @@ class Evaluator(nn.Module):
         metrics = self.score(out["features"], out["logits"])
         metrics["sec_per_image"] = out["seconds"] / self.num_samples
         metrics["num_samples"] = float(self.num_samples)
+        metrics.update(getattr(module, "extra_metrics", None) or {})  # e.g. bits_per_dim (GeneratorModule)
         row = self.results_row(module, metrics, ref, wall_seconds=time.perf_counter() - t0)
         if out["images"] is not None:
             row["samples_npz"] = str(self._export(out["images"], module))

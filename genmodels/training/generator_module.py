@@ -135,8 +135,29 @@ class GeneratorModule(LightningModule):
             self.evaluator.update_real(batch[0], batch[1])
 
     def on_test_epoch_end(self) -> None:
+        bpd = self.test_bits_per_dim()
+        self.extra_metrics = {} if bpd is None else {"bits_per_dim": bpd}  # the evaluator adds them to its row
         if self.evaluator is not None:
             self.log_dict(self.evaluator.evaluate(self), sync_dist=False)
+        elif bpd is not None:
+            self.log("test/bits_per_dim", bpd)
+
+    @torch.no_grad()
+    def test_bits_per_dim(self) -> float | None:
+        """Unconditional NLL of the whole test split in bits per dimension (the null class as
+        label), when the generator has a likelihood (``nll``: FractalGen, causal AR); else None."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if type(self.generator).nll is Generator.nll or dm is None or not hasattr(dm, "test_dataloader"):
+            return None
+        torch.manual_seed(self.hparams.seed)  # the stochastic estimates (FractalMAR) are reproducible
+        total, count = 0.0, 0
+        for batch in dm.test_dataloader():
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            tokens, labels = self.tokens_and_labels(batch)
+            bpd = self.generator.nll(tokens, torch.full_like(labels, self.generator.num_classes))
+            total += float(bpd.double().mean()) * labels.shape[0]
+            count += labels.shape[0]
+        return total / max(count, 1)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         labels, indices = batch
