@@ -97,6 +97,17 @@ class _Bias(nn.Module):
 
 
 # ============================================================================ PixelLoss
+def filtered_guidance(cond: torch.Tensor, uncond: torch.Tensor, w: float, threshold: float) -> torch.Tensor:
+    """FractalGen's CFG filter, then ``uncond + w (cond - uncond)``. Where the conditional probability
+    is below ``threshold``, the unconditional logit is raised to ``max(uncond, cond - max cond + max
+    uncond)``, so guidance cannot promote a value the conditional model finds very unlikely: its
+    guided logit stays at least ``log(p_max / p)`` below the conditional favourite's. (..., V)."""
+    low = cond.softmax(-1) < threshold
+    raised = torch.maximum(uncond, cond - cond.amax(-1, keepdim=True) + uncond.amax(-1, keepdim=True))
+    return guide(cond, torch.where(low, raised, uncond), w)
+
+
+
 class PixelLoss(nn.Module):
     """The last level: p(R, G, B | c) = p(R|c) p(G|R,c) p(B|R,G,c), 256 values each.
 
@@ -182,11 +193,7 @@ class PixelLoss(nn.Module):
                 h = block(h, cache=cache)
             logits = self._head(self.norm(h)[:, 0], c) / temperature
             if guided:
-                cond_l, uncond_l = logits[:n], logits[n:]
-                low = cond_l.softmax(-1) < filter_threshold
-                raised = torch.maximum(uncond_l, cond_l - cond_l.amax(-1, keepdim=True) + uncond_l.amax(-1, keepdim=True))
-                uncond_l = torch.where(low, raised, uncond_l)
-                logits = guide(cond_l, uncond_l, cfg)
+                logits = filtered_guidance(logits[:n], logits[n:], cfg, filter_threshold)
             ids[:, c] = torch.multinomial(logits.softmax(-1), 1, generator=generator).reshape(-1)
             if c < 2:
                 x = self._codebooks()[c](ids[:, c]).unsqueeze(1)
@@ -476,7 +483,7 @@ class FractalGen(Generator):
         self.num_classes, self.label_drop_prob = int(num_classes), label_drop_prob
         self.num_conds = num_conds
         self.num_iter_list = list(num_iter_list) if num_iter_list is not None else \
-            [(a // b) ** 2 for a, b in zip(sizes[:-1], sizes[1:-1])]
+            [(a // b) ** 2 for a, b in zip(sizes[:-1], sizes[1:])]
         self.nll_passes = nll_passes or (1 if all(t == "ar" for t in generator_type_list[:-1]) else 10)
         S = sizes[0]
         self.spec = TokenSpec("pixels", ((S, S),), vocab_size=256, channels=3, image_size=S)

@@ -147,7 +147,7 @@ class GeneratorModule(LightningModule):
         """Unconditional NLL of the whole test split in bits per dimension (the null class as
         label), when the generator has a likelihood (``nll``: FractalGen, causal AR); else None."""
         dm = getattr(self.trainer, "datamodule", None)
-        if type(self.generator).nll is Generator.nll or dm is None or not hasattr(dm, "test_dataloader"):
+        if getattr(type(self.generator), "nll", Generator.nll) is Generator.nll or dm is None or not hasattr(dm, "test_dataloader"):
             return None
         torch.manual_seed(self.hparams.seed)  # the stochastic estimates (FractalMAR) are reproducible
         total, count = 0.0, 0
