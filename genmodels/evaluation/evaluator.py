@@ -150,9 +150,11 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, sample_block: SampleBlock, block_size: int | None = None, num_classes: int = 1, *,
                  reference: Reference | None = None, datamodule: Any = None, metadata: dict[str, Any] | None = None,
-                 out_dir: str | Path | None = None, device: Any = "cpu") -> dict[str, float]:
+                 out_dir: str | Path | None = None, device: Any = "cpu",
+                 extra_metrics: dict[str, float] | None = None) -> dict[str, float]:
         """Generate ``num_samples`` with ``sample_block``, score them, write the row (rank 0);
-        returns ``{prefix + metric: value}``, the same on every rank."""
+        returns ``{prefix + metric: value}``, the same on every rank. ``extra_metrics`` (e.g.
+        ``bits_per_dim`` of a generator with a likelihood) join the row beside FID."""
         plan = SamplingPlan(self.num_samples, max(1, int(num_classes)), int(block_size or self.batch_size))
         if plan.block_size > max(plan.per_class) and dist_info()[0] == 0:
             print(f"genmodels eval: note: batch_size {plan.block_size} > {max(plan.per_class)} samples per class: each "
@@ -166,6 +168,7 @@ class Evaluator:
         if out is not None:  # rank 0
             metrics = self.score(out["features"], out["logits"], out["spatial"], ref)
             metrics["sec_per_image"] = out["seconds"] / self.num_samples
+            metrics.update(extra_metrics or {})
             row = self._row("generation", metrics, ref, metadata, per_class=plan.per_class,
                             wall_seconds=time.perf_counter() - t0, device=device, batch_size=plan.block_size)
             if out["images"] is not None and out_dir is not None:

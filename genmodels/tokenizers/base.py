@@ -27,22 +27,25 @@ from genmodels.utils.config import ConfigMixin
 class TokenSpec:
     """What a tokenizer's tokens look like.
 
-    kind: ``"discrete"`` (ids) or ``"continuous"`` (vectors).
+    kind: ``"discrete"`` (ids), ``"continuous"`` (vectors) or ``"pixels"`` (the image itself,
+        (B, channels, H, W) floats on a grid of ``vocab_size`` values per channel; shapes ((H, W),)).
     shapes: one grid shape per scale, coarse to fine: ``((16, 16),)`` for a 2D VQ-VAE,
         ``((1, 1), (2, 2), ..., (16, 16))`` for VAR, ``((32,),)`` for a 1D tokenizer.
     vocab_size: number of codes (discrete only).
     channels: token dimension (continuous only).
     """
 
-    kind: Literal["discrete", "continuous"]
+    kind: Literal["discrete", "continuous", "pixels"]
     shapes: tuple[tuple[int, ...], ...]
     vocab_size: int | None = None
     channels: int | None = None
     image_size: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("discrete", "continuous"):
-            raise ValueError(f"TokenSpec.kind must be 'discrete' or 'continuous', got {self.kind!r}")
+        if self.kind not in ("discrete", "continuous", "pixels"):
+            raise ValueError(f"TokenSpec.kind must be 'discrete', 'continuous' or 'pixels', got {self.kind!r}")
+        if self.kind == "pixels" and not (self.vocab_size and self.channels):
+            raise ValueError("a pixels TokenSpec needs vocab_size (values per channel) and channels")
         if self.kind == "discrete" and not self.vocab_size:
             raise ValueError("a discrete TokenSpec needs vocab_size")
         if self.kind == "continuous" and not self.channels:
@@ -71,7 +74,8 @@ class TokenSpec:
 
     def check(self, tokens: torch.Tensor, name: str = "tokens") -> None:
         """Raise a ValueError naming the problem if ``tokens`` do not fit this spec."""
-        want = (self.seq_len,) if self.kind == "discrete" else (self.seq_len, self.channels)
+        want = {"discrete": (self.seq_len,), "continuous": (self.seq_len, self.channels),
+                "pixels": (self.channels, *self.grid)}[self.kind]
         if tuple(tokens.shape[1:]) != want:
             raise ValueError(f"{name} have shape {tuple(tokens.shape)}, the tokenizer's spec expects (B, {', '.join(map(str, want))})")
         if self.kind == "discrete":

@@ -176,9 +176,14 @@ class GeneratorModule(LightningModule):
         self.log("test/loss", self.generator.forward_loss(tokens, labels)["loss"], sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
+        trainer = self.trainer
+        datamodule = trainer.datamodule or getattr(self, "evaluation_datamodule", None)
+        bpd = self.test_bits_per_dim(datamodule)
         if self.evaluator is None:
+            if bpd is not None:
+                self.log("test/bits_per_dim", bpd)
             return
-        ev, trainer = self.evaluator, self.trainer
+        ev = self.evaluator
         metadata = {**model_metadata(self.generator, self.tokenizer), "sampling": dict(self.sample_kwargs),
                     "ckpt_path": trainer.ckpt_path, "config_saved": str(run_dir(trainer) / "config.yaml")}
         if ev.seed is None:
@@ -186,9 +191,28 @@ class GeneratorModule(LightningModule):
         sampler = self.block_sampler(seed=ev.seed, **ev.sample_kwargs)
         metrics = ev.evaluate(sampler, sampler.block_size,
                               num_classes=int(getattr(self.generator, "num_classes", 0) or 0) or 1,
-                              datamodule=trainer.datamodule or getattr(self, "evaluation_datamodule", None),
-                              metadata=metadata, out_dir=run_dir(trainer), device=self.device)
+                              datamodule=datamodule, metadata=metadata, out_dir=run_dir(trainer),
+                              device=self.device, extra_metrics=None if bpd is None else {"bits_per_dim": bpd})
         self.log_dict(metrics, sync_dist=False)
+
+    @torch.no_grad()
+    def test_bits_per_dim(self, datamodule: Any) -> float | None:
+        """Unconditional NLL of the whole test split in bits per dimension (the null class as
+        label), when the generator has a likelihood (``nll``: FractalGen, causal AR); else None."""
+        if (getattr(type(self.generator), "nll", Generator.nll) is Generator.nll or datamodule is None
+                or not hasattr(datamodule, "test_dataloader")):
+            return None
+        if hasattr(datamodule, "setup"):
+            datamodule.setup("test")
+        torch.manual_seed(self.hparams.seed)  # the stochastic estimates (FractalMAR) are reproducible
+        total, count = 0.0, 0
+        for batch in datamodule.test_dataloader():
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            tokens, labels = self.tokens_and_labels(batch)
+            bpd = self.generator.nll(tokens, torch.full_like(labels, self.generator.num_classes))
+            total += float(bpd.double().mean()) * labels.shape[0]
+            count += labels.shape[0]
+        return total / max(count, 1)
 
     def on_predict_start(self) -> None:
         """Assign every predict index a (class, per-class index) by the seeding rule.
