@@ -15,7 +15,7 @@ from torch import nn
 CSV_COLUMNS = [
     "name", "kind", "model", "tokenizer", "params_generator", "params_tokenizer", "sampling", "num_samples",
     "feature_extractor", "reference", "num_reference", "fid", "sfid", "is", "is_std", "precision", "recall",
-    "comparable_with_papers", "not_comparable", "is_rule", "pr_arithmetic", "nhood_size", "sec_per_image",
+    "bits_per_dim", "comparable_with_papers", "not_comparable", "is_rule", "pr_arithmetic", "nhood_size", "sec_per_image",
     "batch_size", "device", "world_size", "seed", "dataset", "official", "time", "ckpt_path", "config_files",
 ]
 
