@@ -61,7 +61,25 @@ class GenmodelsCLI(LightningCLI):
                   + "\n".join(diffs), file=sys.stderr)
 
 
+def _compare(argv: list[str]) -> None:
+    """``genmodels compare -c PRESET ...`` (genmodels/compare.py): its own argument parser, not LightningCLI."""
+    from genmodels.compare import main as compare_main
+    from genmodels.errors import GenmodelsError
+
+    try:
+        code = compare_main(argv)
+    except GenmodelsError as e:
+        if os.environ.get("GENMODELS_DEBUG"):
+            raise
+        print(f"genmodels: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        return _compare(argv[1:])
     try:
         GenmodelsCLI(
             model_class=None, subclass_mode_model=True,
