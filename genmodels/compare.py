@@ -419,13 +419,14 @@ class Compare:
 
     def _callbacks(self, name: str, steps: int, curve_every: int) -> list:
         cbs = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": f"{RUN_DIR}/checkpoints", "save_last": True, "save_top_k": 0}},
+                "init_args": {"dirpath": f"{RUN_DIR}/checkpoints", "save_last": True, "save_top_k": 0,
+                              "enable_version_counter": False}},  # a resumed run overwrites, never last-v1.ckpt
                {"class_path": "genmodels.compare.CompareProgress", "init_args": {"name": name, "total_steps": steps}}]
         if curve_every:
             cbs.insert(1, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": f"{RUN_DIR}/checkpoints", "filename": "step_{step:07d}",
                                          "auto_insert_metric_name": False, "every_n_train_steps": curve_every,
-                                         "save_top_k": -1}})
+                                         "save_top_k": -1, "enable_version_counter": False}})
         return cbs
 
     def _register(self, t: Training, text: str) -> Training:
@@ -513,7 +514,7 @@ class Compare:
             name = row.spec["name"]
             if not lo <= t.params <= hi:
                 problems.append(f"run {name!r} has {t.params:,} generator parameters, outside {target:,} +- "
-                                f"{tol:.0%} ({int(lo):,}..{int(hi):,})")
+                                f"{tol:.0%} ({round(lo):,}..{round(hi):,})")
             want = int(b["steps"]) * int(b["batch_size"])
             if t.images_seen != want:
                 problems.append(f"run {name!r} sees {t.images_seen:,} images ({t.steps} steps x batch "
