@@ -72,7 +72,6 @@ RUN_DIR = "__COMPARE_RUN_DIR__"          # placeholder of the run folder inside 
 TOKENIZER = "__COMPARE_TOKENIZER_{}__"   # placeholder of a tokenizer checkpoint (its digest inside)
 OPTIMIZER_OF_MODULE = {"genmodels.training.GeneratorModule": "AdamW", "genmodels.training.TokenizerModule": "AdamW",
                        "genmodels.training.generator_module.GeneratorModule": "AdamW"}
-METRICS = ("fid", "is", "precision", "recall", "sec_per_image", "bits_per_dim")
 _print_lock = threading.Lock()
 
 
@@ -752,6 +751,30 @@ class Compare:
         _atomic_json(cache, {"bits_per_dim": bpd, "split": "val", "images": n})
         return bpd
 
+    def test_loss(self, t: Training) -> float | None:
+        """Mean training loss (``forward_loss``) of the final weights on the test split, seeded
+        (``judge.test_loss: true``; VAR's scaling law plots it against parameters). Cached."""
+        if not self.p.judge.get("test_loss") or t.status != "done":
+            return None
+        cache = t.dir / "test_loss.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())["test_loss"]
+        from genmodels.utils.config import instantiate
+
+        pipe = load_pipeline(t.last_ckpt)
+        dm = instantiate(_get(t.config, "data"))
+        dm.setup("test")
+        torch.manual_seed(0)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for batch in dm.test_dataloader():
+                tokens = pipe.tokenizer.encode(batch[0])
+                loss = pipe.generator.forward_loss(tokens, batch[1].long())["loss"]
+                total, n = total + float(loss) * len(tokens), n + len(tokens)
+        value = total / max(1, n)
+        _atomic_json(cache, {"test_loss": value, "split": "test", "images": n})
+        return value
+
     def grid_images(self, row: Row) -> torch.Tensor | None:
         g = self.p.grid
         classes, per = list(g.get("classes", range(10))), int(g.get("per_class", 1))
@@ -799,6 +822,7 @@ class Compare:
                 rec[m] = mean_std([x["row"].get(m) for x in ok if x["row"].get(m) is not None])
             bpd = [self.bits_per_dim(r.training) for r in rows if r.training.status == "done"]
             rec["bits_per_dim"] = mean_std([b for b in bpd if b is not None])
+            rec["test_loss"] = mean_std([self.test_loss(r.training) for r in rows])
             rec["tokenizer_rfid"] = self.rfid.get(tok.key) if tok is not None and hasattr(self, "rfid") else None
             rec["curves"] = [x.get("curve", []) for x in ok]
             rec["flops_per_step"] = fps
@@ -932,10 +956,10 @@ def _knobs(s: Any) -> str:
 
 COLUMNS = ["name", "paradigm", "tokenizer", "params_generator", "params_tokenizer", "steps", "images_seen",
            "train_flops", "train_seconds", "sampling", "sec_per_image", "fid", "is", "precision", "recall",
-           "bits_per_dim", "tokenizer_rfid", "seeds", "status"]
+           "bits_per_dim", "test_loss", "tokenizer_rfid", "seeds", "status"]
 HEADERS = ["run", "paradigm", "tokenizer", "gen params", "tok params", "steps", "images seen", "train FLOPs",
            "train time", "sampling", "s/img", "FID ↓", "IS ↑", "precision ↑", "recall ↑", "bits/dim ↓",
-           "tok rFID ↓", "seeds", "status"]
+           "test loss ↓", "tok rFID ↓", "seeds", "status"]
 
 
 def _cells(rec: dict, paper: dict | None) -> list[str]:
@@ -947,7 +971,7 @@ def _cells(rec: dict, paper: dict | None) -> list[str]:
              _hms(t["mean"]) if t else "–", _knobs(rec.get("sampling")), fmt_ms(rec.get("sec_per_image"), 4),
              fmt_ms(rec.get("fid"), 2, "fid" in ws), fmt_ms(rec.get("is"), 2, "is" in ws),
              fmt_ms(rec.get("precision"), 3, "precision" in ws), fmt_ms(rec.get("recall"), 3, "recall" in ws),
-             fmt_ms(rec.get("bits_per_dim"), 3), fmt_ms(rec.get("tokenizer_rfid"), 2), str(rec.get("seeds", "")),
+             fmt_ms(rec.get("bits_per_dim"), 3), fmt_ms(rec.get("test_loss"), 4), fmt_ms(rec.get("tokenizer_rfid"), 2), str(rec.get("seeds", "")),
              rec.get("status", "")]
     if paper:
         prow = (paper.get("rows") or {}).get(rec["name"], {})
@@ -973,6 +997,10 @@ def markdown_table(recs: list[dict], preset: Preset) -> str:
               "reconstruction FID with the same judge.", "",
               "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cells(r, paper)) + " |" for r in recs]
+    fit = loss_params_fit(recs)
+    if fit is not None:
+        lines += ["", f"Log-log fit of test loss against generator parameters N ({fit['points']} runs): "
+                      f"L = {fit['a']:.4g} x N^{fit['b']:.4f} (loss_vs_params.png)."]
     if paper:
         lines += ["", f"Paper numbers: {paper.get('source', '')}" + (f" -- {paper['note']}" if paper.get("note") else "")]
     return "\n".join(lines)
@@ -990,7 +1018,7 @@ def summary_table(recs: list[dict]) -> str:
 
 
 def write_table_csv(recs: list[dict], path: Path, paper: dict | None = None) -> Path:
-    metric_cols = {"sec_per_image", "fid", "is", "precision", "recall", "bits_per_dim", "train_seconds"}
+    metric_cols = {"sec_per_image", "fid", "is", "precision", "recall", "bits_per_dim", "test_loss", "train_seconds"}
     header = []
     for c in COLUMNS:
         header += [c, f"{c}_std"] if c in metric_cols else [c]
@@ -1060,7 +1088,42 @@ def write_plots(recs: list[dict], out: Path) -> dict[str, Path]:
     paths["fid_vs_compute.png"] = out / "fid_vs_compute.png"
     fig.savefig(paths["fid_vs_compute.png"], dpi=110)
     plt.close(fig)
+
+    fit = loss_params_fit(recs)
+    if fit is not None:
+        pts = [(r["params_generator"], r["test_loss"]["mean"]) for r in recs if r.get("test_loss") and r.get("params_generator")]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.loglog([p for p, _ in pts], [v for _, v in pts], "o")
+        xs = [min(p for p, _ in pts), max(p for p, _ in pts)]
+        ax.loglog(xs, [fit["a"] * x ** fit["b"] for x in xs], "--", label=f"L = {fit['a']:.3g} N^{fit['b']:.3f}")
+        for r in recs:
+            if r.get("test_loss") and r.get("params_generator"):
+                ax.annotate(r["name"], (r["params_generator"], r["test_loss"]["mean"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("generator parameters (log)")
+        ax.set_ylabel("test loss (log)")
+        ax.set_title("Test loss against parameters (log-log fit)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        paths["loss_vs_params.png"] = out / "loss_vs_params.png"
+        fig.savefig(paths["loss_vs_params.png"], dpi=110)
+        plt.close(fig)
     return paths
+
+
+def loss_params_fit(recs: list[dict]) -> dict | None:
+    """Least-squares line through (log10 N, log10 test loss): ``L = a N^b``; None below 2 points."""
+    pts = [(math.log10(r["params_generator"]), math.log10(r["test_loss"]["mean"])) for r in recs
+           if r.get("test_loss") and r.get("params_generator") and r["test_loss"]["mean"] > 0]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    return {"a": 10 ** (my - b * mx), "b": b, "points": len(pts)}
 
 
 # =========================================================================== entry points
@@ -1076,6 +1139,11 @@ def compare(preset_path: str | Path, seeds: int | None = None, output_dir: str |
     for b in budget:
         say(f"budget ok: {b['run']}: {b['params']:,} params (target {b['target']:,}), {b['images_seen']:,} images")
     if check_only:
+        for r in c.rows:
+            t = r.training
+            state = ("not built: " + t.reason if t.status == "not built" else "trained" if t.done()
+                     else "interrupted (resumes from last.ckpt)" if t.last_ckpt.is_file() else "to train")
+            say(f"plan: {r.spec['name']} (seed {r.seed}){' ' + t.key if t.key else ''}: {state}")
         return {"rows": [], "paths": {}, "budget": budget, "failed": 0, "compare": c}
     t0 = time.perf_counter()
     failed = c.run()

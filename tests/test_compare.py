@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genmodels.compare import (COLUMNS, HEADERS, Compare, Preset, Resolver, compare, mark_within_spread, mean_std,
-                               missing_requirement, nest)
+from genmodels.compare import (COLUMNS, HEADERS, Compare, Preset, Resolver, compare, loss_params_fit,
+                               mark_within_spread, mean_std, missing_requirement, nest)
 from genmodels.errors import GenmodelsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +55,8 @@ def test_mean_std_and_within_spread_marks():
             {"name": "d", "fid": mean_std([30.0])}]            # one seed: no spread, never marked
     mark_within_spread(recs, ("fid",))
     assert [r["within_spread"] for r in recs] == [[], ["fid"], [], []]
+    fit = loss_params_fit([{"params_generator": n, "test_loss": mean_std([3.0 * n ** -0.25])} for n in (1e5, 1e6, 1e7)])
+    assert fit["b"] == pytest.approx(-0.25) and fit["a"] == pytest.approx(3.0)
     assert nest({"a.b": 1, "a.c.d": [2], "e": {"f.g": 3}}) == {"a": {"b": 1, "c": {"d": [2]}}, "e": {"f": {"g": 3}}}
     assert missing_requirement(["genmodels.generators.maskgit.MaskGIT"]) is None
     assert missing_requirement(["genmodels.generators.maskgit.MASK_SCHEDULES has cosine"]) is None
