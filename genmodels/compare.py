@@ -21,7 +21,8 @@ Preset fields (``configs/compare/tiny.yaml`` is the smallest complete example)::
     launcher: subprocess | inprocess;  jobs: 1;  threads: 0 (OMP threads per training, 0 = inherit)
     budget: {target_params, tolerance: 0.15, steps, batch_size, optimizer: AdamW, lr_schedule,
              curve_every: k (score a checkpoint every k steps, 0 = final only)}
-    judge: {config: configs/evaluation/digits.yaml, num_samples, curve_num_samples, seed}
+    judge: {config: configs/evaluation/digits.yaml, num_samples, curve_num_samples, seed,
+            test_loss: false (true: mean training loss on the test split, + loss_vs_params.png with a log-log fit)}
     grid: {classes: [...], per_class, seed}
     tokenizers: {key: {configs: [...], overrides: {dotted.key: value}, requires: [...]}}
     runs: [{name, paradigm, tokenizer: key, configs: [...], overrides: {...}, sampling: {...},
@@ -170,10 +171,15 @@ def _get(d: Any, dotted: str, default: Any = None) -> Any:
     return d
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
 def missing_requirement(requires: list[str]) -> str | None:
@@ -352,6 +358,8 @@ class Preset:
         self.budget.setdefault("curve_every", 0)
         if "config" not in self.judge or "num_samples" not in self.judge:
             raise GenmodelsError(f"compare: {where}: judge.config and judge.num_samples are required")
+        if not Path(self.judge["config"]).is_file():
+            raise GenmodelsError(f"compare: {where}: judge.config {self.judge['config']} does not exist")
         self.judge.setdefault("curve_num_samples", self.judge["num_samples"])
         self.judge.setdefault("seed", 0)
         if not self.runs:
@@ -381,6 +389,8 @@ class Compare:
         self.tok_of: dict[str, Training] = {}       # tokenizer key -> its training
         self.rows: list[Row] = []
         self.results: dict[tuple[str, int], dict] = {}   # (run name, seed) -> scored metrics
+        self._locks: dict[str, threading.Lock] = {}       # score key -> lock (rows may share a score)
+        self._locks_guard = threading.Lock()
 
     # ------------------------------------------------------------------ config files
     def _write_override(self, folder: Path, name: str, obj: dict) -> Path:
@@ -538,8 +548,9 @@ class Compare:
             text = text.replace(TOKENIZER.format(t.tokenizer.key), str(t.tokenizer.last_ckpt))
         path = t.dir / "config.yaml"
         if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
-        (t.dir / "key.yaml").write_text(t.text)
+            _atomic_write(path, text)
+        if not (t.dir / "key.yaml").is_file():
+            _atomic_write(t.dir / "key.yaml", t.text)
         return path
 
     def _launch(self, args: list[str], log: Path) -> int:
@@ -618,6 +629,14 @@ class Compare:
         step = _ckpt_step(ckpt)
         skey = digest(json.dumps([t.key, step, cfg_text, num_samples, judge["seed"], sampling], sort_keys=True,
                                  default=str))
+        with self._locks_guard:
+            lock = self._locks.setdefault(skey, threading.Lock())
+        with lock:
+            return self._score(t, ckpt, num_samples, sampling, name, skey, step)
+
+    def _score(self, t: Training, ckpt: Path, num_samples: int, sampling: dict, name: str, skey: str,
+               step: int) -> dict | None:
+        judge = self.p.judge
         folder = t.dir / "scores"
         done = folder / f"{skey}.json"
         if done.is_file():
