@@ -57,6 +57,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -163,6 +164,11 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _yaml(text: str) -> Any:
+    """YAML -> Python with libyaml's C loader where installed (configs are parsed many times)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _get(d: Any, dotted: str, default: Any = None) -> Any:
     for p in dotted.split("."):
         if not isinstance(d, dict) or p not in d:
@@ -243,10 +249,16 @@ class Resolver:
         except _Got as e:
             self.parser = e.args[0]
         self._lock = threading.Lock()
+        self._memo: dict[tuple[str, ...], str] = {}
 
     def __call__(self, files: list[str | Path], what: str) -> tuple[str, dict]:
         args = ["fit"] + [a for f in files for a in ("-c", str(f))]
+        # the same file contents compose to the same config (rows differing only in sampling, replans)
+        memo = tuple(Path(f).read_text() for f in files)
         with self._lock:
+            if memo in self._memo:
+                text = self._memo[memo]
+                return text, _yaml(text)
             try:
                 cfg = self.parser.parse_args(args)
             except BaseException as e:  # jsonargparse: ArgumentError / SystemExit with the reason
@@ -254,8 +266,9 @@ class Resolver:
                 raise GenmodelsError(f"compare: {what}: the composed config does not parse: {msg[:600]}") from None
             sub = self.parser._subcommands_action._name_parser_map["fit"]
             text = sub.dump(cfg["fit"], skip_none=False)
-        text = "\n".join(line for line in text.splitlines() if not line.startswith("# lightning"))
-        return text, yaml.safe_load(text)
+            text = "\n".join(line for line in text.splitlines() if not line.startswith("# lightning"))
+            self._memo[memo] = text
+        return text, _yaml(text)
 
 
 @dataclass
@@ -316,7 +329,7 @@ class Preset:
         self.path = Path(path)
         if not self.path.is_file():
             raise GenmodelsError(f"compare: preset file {self.path} does not exist")
-        raw = yaml.safe_load(self.path.read_text()) or {}
+        raw = _yaml(self.path.read_text()) or {}
         if not isinstance(raw, dict):
             raise GenmodelsError(f"compare: {self.path} must hold a mapping (name, budget, judge, runs, ...)")
         unknown = sorted(set(raw) - self.KNOWN)
@@ -439,7 +452,7 @@ class Compare:
         return cbs
 
     def _register(self, t: Training, text: str) -> Training:
-        t.text, t.config = text, yaml.safe_load(text)
+        t.text, t.config = text, _yaml(text)
         t.key = digest(text)
         if t.key in self.trainings:           # another row with the same training: share it
             return self.trainings[t.key]
@@ -495,7 +508,7 @@ class Compare:
             return f"needs {miss}"
         for f in files:
             if Path(f).is_file():
-                for cp in _class_paths(yaml.safe_load(Path(f).read_text()) or {}):
+                for cp in _class_paths(_yaml(Path(f).read_text()) or {}):
                     if _resolve_dotted(cp) is None:
                         return f"needs {cp}"
         return None
@@ -877,7 +890,8 @@ class Compare:
             ax.set_ylabel(spec["name"], rotation=0, ha="right", va="center", fontsize=8)
             if images is None:
                 ax.imshow(torch.full((per * 32, len(classes) * 32), 0.85).numpy(), cmap="gray", vmin=0, vmax=1)
-                ax.text(len(classes) * 16, per * 16, rec["status"][:60], ha="center", va="center", fontsize=7)
+                ax.text(len(classes) * 16, per * 16, textwrap.fill(rec["status"][:160], 70), ha="center", va="center",
+                        fontsize=6)
                 continue
             # (C*per, 3, H, W), class-major -> a (per*H, C*W) mosaic: column c holds class c
             x = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)

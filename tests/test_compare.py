@@ -112,7 +112,8 @@ def test_budget_mismatch_is_refused_with_the_numbers(tmp_path, resolver, capsys)
 
 
 def test_shipped_presets_and_ablations_pass_the_budget_check(resolver, tmp_path):
-    files = sorted((REPO / "configs" / "compare").glob("*.yaml")) + sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+    files = [f for f in sorted((REPO / "configs" / "compare").glob("*.yaml")) if f.name != "tiny.yaml"]  # tiny: e2e
+    files += sorted((REPO / "configs" / "ablations").glob("*.yaml"))
     assert len(files) >= 3
     for f in files:
         out = compare(f, check_only=True, resolver=resolver, output_dir=str(tmp_path / f.stem))
