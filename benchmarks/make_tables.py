@@ -10,7 +10,7 @@ here. Numbers are only comparable within one data set and feature extractor, so 
 (dataset, extractor, kind) group gets its own table and plot. When several rows share a
 name, the newest wins (``--all`` keeps every row). Writes into ``--out_dir``
 (default ``benchmarks/results``): ``table.md``, ``table.csv`` and
-``fid_vs_speed_<group>.svg`` (a plain SVG: no plotting library needed).
+``fid_vs_speed_<group>.png`` (matplotlib).
 
 One guidance column means the same in every row: the genmodels convention (``cfg`` = w in
 ``uncond + w (cond - uncond)``, 1 = off, with its ``guidance_schedule``), and beside it the
@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genmodels.evaluation.results import CSV_COLUMNS, read_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -128,55 +127,36 @@ def markdown(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def svg_plot(rows: list[dict], title: str) -> str:
-    """Scatter: x = seconds per image (log scale), y = FID; one colour per model."""
+def plot_fid_vs_speed(rows: list[dict], title: str, path: Path) -> Path:
+    """Scatter (matplotlib PNG): x = seconds per image (log scale), y = FID; one colour per model,
+    each point labelled with its row name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     pts = [r for r in rows if isinstance(r.get("fid"), (int, float)) and (r.get("sec_per_image") or 0) > 0]
-    W, H, L, R, T, B = 720, 460, 70, 170, 40, 55
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{L}" y="22" font-size="14">{_esc(title)}</text>']
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
     if not pts:
-        out += [f'<text x="{L}" y="{H / 2}">no rows with FID and seconds per image</text>', "</svg>"]
-        return "\n".join(out)
-    xs = [math.log10(r["sec_per_image"]) for r in pts]
-    ys = [float(r["fid"]) for r in pts]
-    x0, x1 = math.floor(min(xs)), math.ceil(max(xs))
-    if x1 == x0:
-        x1 = x0 + 1
-    y1 = max(ys) * 1.1 or 1.0
-    px = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
-    py = lambda v: T + (1 - v / y1) * (H - T - B)  # noqa: E731
-    out.append(f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>')
-    out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>')
-    for e in range(x0, x1 + 1):
-        x = px(e)
-        out.append(f'<line x1="{x:.1f}" y1="{H - B}" x2="{x:.1f}" y2="{H - B + 5}" stroke="black"/>')
-        out.append(f'<text x="{x:.1f}" y="{H - B + 18}" text-anchor="middle">1e{e}</text>')
-    for i in range(6):
-        v = y1 * i / 5
-        y = py(v)
-        out.append(f'<line x1="{L - 5}" y1="{y:.1f}" x2="{L}" y2="{y:.1f}" stroke="black"/>')
-        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{L - 8}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 15}" text-anchor="middle">seconds per image (log)</text>')
-    out.append(f'<text x="18" y="{(T + H - B) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 18 {(T + H - B) / 2})">FID</text>')
+        ax.text(0.5, 0.5, "no rows with FID and seconds per image", ha="center", va="center", transform=ax.transAxes)
     models = sorted({str(r.get("model")) for r in pts})
-    colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(models)}
-    for r, xv, yv in zip(pts, xs, ys):
-        c = colour[str(r.get("model"))]
-        out.append(f'<circle cx="{px(xv):.1f}" cy="{py(yv):.1f}" r="5" fill="{c}"/>')
-        out.append(f'<text x="{px(xv) + 7:.1f}" y="{py(yv) - 6:.1f}" font-size="10">{_esc(str(r.get("name")))}</text>')
-    for i, m in enumerate(models):
-        y = T + 10 + 18 * i
-        out.append(f'<circle cx="{W - R + 20}" cy="{y}" r="5" fill="{colour[m]}"/>')
-        out.append(f'<text x="{W - R + 30}" y="{y + 4}">{_esc(m)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for m in models:
+        mine = [r for r in pts if str(r.get("model")) == m]
+        ax.scatter([r["sec_per_image"] for r in mine], [float(r["fid"]) for r in mine], label=m, s=30)
+        for r in mine:
+            ax.annotate(str(r.get("name")), (r["sec_per_image"], float(r["fid"])), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)
+    if pts:
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("seconds per image (log)")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_table_csv(rows: list[dict], path: Path) -> Path:
@@ -216,9 +196,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if "generation" not in key:
             continue
         slug = re.sub(r"[^A-Za-z0-9]+", "-", key.rsplit(" | ", 1)[0]).strip("-").lower()
-        path = args.out_dir / f"fid_vs_speed_{slug}.svg"
-        path.write_text(svg_plot(grows, f"FID vs sampling time — {key}"))
-        written.append(path)
+        written.append(plot_fid_vs_speed(grows, f"FID vs sampling time — {key}",
+                                         args.out_dir / f"fid_vs_speed_{slug}.png"))
     for p in written:
         print(f"wrote {p}")
     return written

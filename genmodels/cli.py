@@ -152,11 +152,20 @@ def sample_main(argv: list[str]) -> None:
           f"{ {**pipe.sample_kwargs, **knobs} }")
 
 
+def compare_main(argv: list[str]) -> None:
+    """``genmodels compare -c PRESET ...`` (genmodels/compare.py): its own argument parser, not LightningCLI."""
+    from genmodels.compare import main as run
+
+    code = run(argv)
+    if code:
+        sys.exit(code)
+
+
 def main(args: list[str] | None = None) -> None:
     from genmodels.training.quiet import silence_known_noise
     silence_known_noise()  # exact messages Lightning / torch print on every run (see genmodels/training/quiet.py)
     argv = sys.argv[1:] if args is None else list(args)
-    extra = {"evaluate": evaluate_main, "sample": sample_main}  # subcommands beside LightningCLI's
+    extra = {"evaluate": evaluate_main, "sample": sample_main, "compare": compare_main}  # beside LightningCLI's
     if argv[:1] and argv[0] in extra:
         return _user_command(extra[argv[0]], argv[1:])
     try:

@@ -1,4 +1,4 @@
-"""benchmarks/make_tables.py: results rows -> markdown table, CSV, FID-vs-speed SVG."""
+"""benchmarks/make_tables.py: results rows -> markdown table, CSV, FID-vs-speed PNG (matplotlib)."""
 from __future__ import annotations
 
 import csv
@@ -29,7 +29,7 @@ def row(name, model, fid, spi, time="2026-01-01T00:00:00", **kw):
     return base
 
 
-def test_make_tables_markdown_csv_and_svg(tmp_path):
+def test_make_tables_markdown_csv_and_plot(tmp_path):
     res = tmp_path / "rows.jsonl"
     append_results_row(row("digits_maskgit", "MaskGIT", 12.5, 0.004), res)
     append_results_row(row("digits_ar", "CausalAR", 30.0, 0.02), res)
@@ -43,7 +43,7 @@ def test_make_tables_markdown_csv_and_svg(tmp_path):
 
     written = load_make_tables().main([str(res), "--out_dir", str(tmp_path / "out")])
     names = sorted(p.name for p in written)
-    assert names == ["fid_vs_speed_digits-32-digits-classifier-x.svg", "fid_vs_speed_imagenet-256-inception-v3-compat.svg",
+    assert names == ["fid_vs_speed_digits-32-digits-classifier-x.png", "fid_vs_speed_imagenet-256-inception-v3-compat.png",
                      "table.csv", "table.md"]
     md = (tmp_path / "out" / "table.md").read_text()
     assert "## digits-32 | digits-classifier-x | generation" in md and "## imagenet-256" in md
@@ -54,8 +54,8 @@ def test_make_tables_markdown_csv_and_svg(tmp_path):
     assert "| 2 linear | guidance_scale=1 (linear) |" in md and "| 2 constant | – |" in md
     assert "⚠ unconverted VAR cfg=2.0" in md  # a VAR row without guidance_schedule is never mixed in silently
     assert "fewer than 50,000" in md
-    svg = (tmp_path / "out" / "fid_vs_speed_digits-32-digits-classifier-x.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<circle") == 2 + 2  # 2 points + 2 legend entries
+    png = (tmp_path / "out" / "fid_vs_speed_digits-32-digits-classifier-x.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
     table = list(csv.reader((tmp_path / "out" / "table.csv").open()))
     assert len(table) == 4 and {"guidance_w", "guidance_schedule", "paper_knobs"} <= set(table[0])
     json.loads(res.read_text().splitlines()[0])
