@@ -176,6 +176,22 @@ def teacher_decode(teacher: Tokenizer, features: torch.Tensor) -> torch.Tensor:
                          "scale or the MaskGIT-VQGAN)")
 
 
+def load_teacher(path: str | Path) -> Tokenizer:
+    """A frozen teacher from a genmodels tokenizer checkpoint, or from the official
+    ``maskgit-vqgan-imagenet-f16-256.bin``."""
+    from genmodels.checkpoints.common import read_checkpoint
+    from genmodels.tokenizers import load_tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenmodelsError(f"teacher_ckpt: file not found: {path}")
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and "genmodels" in ckpt:
+        return load_tokenizer(path, field="teacher_ckpt")
+    from genmodels.checkpoints import from_official
+    return from_official("maskgit-vqgan", ckpt).requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 class TiTok(Tokenizer):
     """TiTok 1D tokenizer (VQ or VAE; proxy-code or pixel decoder head).
@@ -231,11 +247,14 @@ class TiTok(Tokenizer):
                 raise GenmodelsError(f"init_from: {init_from} holds a {type(source).__name__}, not a TiTok")
             teacher = teacher or source.teacher
         if teacher_ckpt is not None and teacher is None:
-            from genmodels.tokenizers import load_tokenizer
-            teacher = load_tokenizer(teacher_ckpt, field="teacher_ckpt")
+            teacher = load_teacher(teacher_ckpt)
         if decoder_head == "proxy":
             if teacher is not None:
-                _teacher_grid(teacher)
+                grid = _teacher_grid(teacher)
+                if grid != (image_size // patch_size,) * 2:
+                    raise GenmodelsError(f"teacher: its token grid {grid[0]}x{grid[1]} must equal TiTok's patch grid "
+                                         f"{image_size // patch_size}x{image_size // patch_size} (image_size / "
+                                         f"patch_size): the proxy head predicts one teacher code per patch")
                 k = teacher_codebook(teacher).shape[0]
                 if proxy_codebook_size is not None and proxy_codebook_size != k:
                     raise GenmodelsError(f"proxy_codebook_size={proxy_codebook_size} but the teacher has {k} codes")
