@@ -251,7 +251,7 @@ class TiTok(Tokenizer):
         if decoder_head == "proxy":
             if teacher is not None:
                 grid = _teacher_grid(teacher)
-                if grid != (image_size // patch_size,) * 2:
+                if stage == 1 and grid != (image_size // patch_size,) * 2:
                     raise GenmodelsError(f"teacher: its token grid {grid[0]}x{grid[1]} must equal TiTok's patch grid "
                                          f"{image_size // patch_size}x{image_size // patch_size} (image_size / "
                                          f"patch_size): the proxy head predicts one teacher code per patch")
