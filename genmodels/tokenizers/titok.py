@@ -411,7 +411,8 @@ class TiTok(Tokenizer):
             quantizer_weight * VQ loss (VQ) or + kl_weight * KL (VAE; KL summed over a
             sample's tokens and channels, averaged over the batch, as 1d-tokenizer);
         proxy head, stage 1: ``proxy_ce`` = CE(logits, teacher codes); loss = proxy_ce +
-            quantizer_weight * VQ loss; ``recon`` = teacher decode of the argmax codes (no grad);
+            quantizer_weight * VQ loss; in eval mode ``recon`` = teacher decode of the argmax
+            codes (no pixel loss in stage 1, so no perceptual / GAN terms either);
         proxy head, stage 2: encoder and quantizer frozen, recon = teacher decoder of the
             softmax mixture; loss = mse(recon, x).
         Also ``usage``, ``perplexity``, ``dead_codes`` (VQ), ``kl`` (VAE), ``proxy_acc``.
@@ -437,7 +438,8 @@ class TiTok(Tokenizer):
             ce = F.cross_entropy(raw.float(), codes, label_smoothing=self.proxy_label_smoothing)
             with torch.no_grad():
                 out["proxy_acc"] = (raw.argmax(1) == codes).float().mean()
-                out["recon"] = self.proxy_to_images(raw.detach(), soft=False)
+                if not self.training:  # grids and evaluation only: stage 1 has no pixel loss
+                    out["recon"] = self.proxy_to_images(raw.detach(), soft=False)
             out.update(proxy_ce=ce, rec_loss=ce, loss=ce + extra)
             return out
         recon = self._to_images(raw)
