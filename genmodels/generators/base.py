@@ -65,6 +65,13 @@ class Generator(ConfigMixin, nn.Module):
         """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
         is not what this generator was built for."""
         mine = self.spec
+        dims, theirs = {len(s) for s in mine.shapes}, {len(s) for s in spec.shapes}
+        if dims != theirs and 1 in theirs:
+            from genmodels.errors import GenmodelsError
+            raise GenmodelsError(
+                f"generator {type(self).__name__} is built for a {max(dims)}D token grid (shapes={mine.shapes}) but "
+                f"the tokenizer gives 1D tokens (shapes={spec.shapes}, e.g. TiTok): VAR needs 2D scales; MaskGIT, "
+                f"causal AR and MAR take them with token_shape=[{spec.seq_len}]")
         for name in ("kind", "vocab_size", "channels", "shapes"):
             a, b = getattr(mine, name), getattr(spec, name)
             if a != b:

@@ -40,6 +40,7 @@ from torch import nn
 
 from genmodels.nn.conv import Decoder, Encoder
 from genmodels.tokenizers.base import Tokenizer, TokenSpec
+from genmodels.tokenizers.quantizers import nearest_code, perplexity, restart_dead_codes_
 
 #: state-dict keys that are training state, absent from (or shaped differently in) official files
 TRAINING_STATE_KEYS = ("quantize.ema_vocab_hit_SV", "quantize.record_hit", "quantize.code_age")
@@ -193,14 +194,9 @@ class MultiScaleVectorQuantizer(nn.Module):
         return [phi_index(si, SN, self.quant_resi.num_phis) for si in range(SN)]
 
     def nearest(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """(N, Cvae) -> (N,) long: argmin |z|^2 + |e|^2 - 2 z.e (addmm form), or cosine argmax."""
-        e = self.embedding.weight.detach()
-        z_NC = z_NC.detach()
-        if self.using_znorm:
-            return torch.argmax(F.normalize(z_NC, dim=-1) @ F.normalize(e.T, dim=0), dim=1)
-        d = torch.sum(z_NC.square(), dim=1, keepdim=True) + torch.sum(e.square(), dim=1)
-        d.addmm_(z_NC, e.T, alpha=-2, beta=1)
-        return torch.argmin(d, dim=1)
+        """(N, Cvae) -> (N,) long: argmin |z|^2 + |e|^2 - 2 z.e (addmm form), or cosine argmax
+        (``quantizers.nearest_code``, shared by every VQ)."""
+        return nearest_code(z_NC, self.embedding.weight, cosine=self.using_znorm)
 
     def idx_to_h(self, idx_Bl: torch.Tensor, si: int, pn: tuple[int, int], HW: tuple[int, int],
                  num_scales: int | None = None) -> torch.Tensor:
@@ -280,19 +276,9 @@ class MultiScaleVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, hit_V: torch.Tensor, rests: list[torch.Tensor], sync: bool) -> torch.Tensor:
-        self.code_age.copy_(torch.where(hit_V > 0, torch.zeros_like(self.code_age), self.code_age + 1))
-        dead = (self.code_age >= self.dead_code_restart).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return hit_V.new_zeros(())
-        # choose a scale uniformly, then a residual vector uniformly within it
-        weights = torch.cat([torch.full((r.shape[0],), 1.0 / r.shape[0], device=r.device) for r in rests])
-        pool = torch.cat(rests).to(self.embedding.weight.dtype)
-        pick = torch.multinomial(weights, dead.numel(), replacement=True)
-        self.embedding.weight.data[dead] = pool[pick]
-        if sync:  # every rank found the same dead codes (hits are all-reduced); take rank 0's vectors
-            tdist.broadcast(self.embedding.weight.data, src=0)
-        self.code_age[dead] = 0
-        return hit_V.new_tensor(float(dead.numel()))
+        # choose a scale uniformly, then a residual vector uniformly within it (quantizers.restart_dead_codes_)
+        return restart_dead_codes_(self.embedding.weight.data, self.code_age, hit_V, rests,
+                                   self.dead_code_restart, sync)
 
     def _check_latent(self, f: torch.Tensor, patch_hws: Sequence[tuple[int, int]] | None = None) -> None:
         last = (patch_hws or [(self.patch_nums[-1],) * 2])[-1]
@@ -397,9 +383,7 @@ class MultiScaleVectorQuantizer(nn.Module):
 VectorQuantizer2 = MultiScaleVectorQuantizer  # the official class name
 
 
-def _perplexity(hit_V: torch.Tensor) -> torch.Tensor:
-    p = hit_V / hit_V.sum().clamp_min(1)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+_perplexity = perplexity  # shared with every VQ (quantizers.py)
 
 
 # ----------------------------------------------------------------------------- the tokenizer
