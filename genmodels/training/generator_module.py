@@ -196,9 +196,11 @@ class GeneratorModule(LightningModule):
         self.log_dict(metrics, sync_dist=False)
 
     @torch.no_grad()
-    def test_bits_per_dim(self, datamodule: Any) -> float | None:
+    def test_bits_per_dim(self, datamodule: Any = None) -> float | None:
         """Unconditional NLL of the whole test split in bits per dimension (the null class as
-        label), when the generator has a likelihood (``nll``: FractalGen, causal AR); else None."""
+        label), when the generator has a likelihood (``nll``: FractalGen, causal AR); else None.
+        ``datamodule``: default the trainer's."""
+        datamodule = datamodule if datamodule is not None else getattr(self.trainer, "datamodule", None)
         if (getattr(type(self.generator), "nll", Generator.nll) is Generator.nll or datamodule is None
                 or not hasattr(datamodule, "test_dataloader")):
             return None
