@@ -4,30 +4,37 @@ LightningCLI over any LightningModule (``genmodels.training.TokenizerModule`` or
 ``GeneratorModule``) and any LightningDataModule, chosen by ``class_path`` in YAML.
 Several ``--config`` files compose (later ones override earlier keys); OmegaConf
 interpolation (``${...}``) is resolved over the merged config ("omegaconf+" mode).
+
+User mistakes (``genmodels.errors.GenmodelsError``) are printed as one line,
+``genmodels: error: ...``, with exit code 2; any other exception is a bug and keeps its
+traceback. ``GENMODELS_DEBUG=1`` shows the traceback of user mistakes too.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 
-from genmodels.checkpoints.common import CheckpointMismatchError
+from genmodels.checkpoints import common as checkpoint_common
+from genmodels.errors import GenmodelsError
+from genmodels.utils.config import flatten_config, plain
+from genmodels.utils.paths import check_writable
+
+# --ckpt_path values Lightning resolves itself (not file names)
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts / Namespaces -> {"a.b.c": leaf}."""
-    if hasattr(d, "as_dict"):
-        d = d.as_dict()
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+def one_line(e: BaseException) -> str:
+    """The message of a user mistake as one line (a DataLoader worker wraps it in a traceback)."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker: the last line is ours
+        last = msg.splitlines()[-1]
+        msg = last.split(f"{type(e).__name__}: ", 1)[-1]
+    return " ".join(msg.split())
 
 
 class GenmodelsCLI(LightningCLI):
@@ -36,24 +43,83 @@ class GenmodelsCLI(LightningCLI):
     Lightning's CLI (2.3+) merges the ``hyper_parameters`` stored in ``--ckpt_path`` *over* the
     parsed config, so ``genmodels test ... --model.init_args.sample_kwargs.cfg=4 --ckpt_path X``
     would silently sample with the checkpoint's cfg. Here the config is the source of truth (the
-    weights must still fit it: the state dict loads strictly), and every hyper-parameter that
-    differs from the checkpoint's is named on stderr.
+    weights must still fit it: the modules check that when the checkpoint loads, see
+    ``genmodels.training.common.check_checkpoint_fits``), and every hyper-parameter, generator or
+    tokenizer field that differs from the checkpoint's is named on stderr.
+
+    ``--trust_pickle``: load checkpoints that pickle arbitrary Python objects (``--ckpt_path``
+    and ``tokenizer_ckpt`` alike); without it such files are refused.
     """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--trust_pickle", type=bool, default=False,
+                            help="load checkpoint files that pickle arbitrary Python objects (this runs their code: "
+                                 "only for files from a source you trust)")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse an output folder that cannot be written before any work is done."""
+        sub = self.config.get("subcommand")
+        trainer = self.config[sub].get("trainer") if sub else None
+        if trainer is None:
+            return
+        root = trainer.get("default_root_dir") or os.getcwd()
+        check_writable(root, "trainer.default_root_dir")
+        loggers = trainer.get("logger")
+        for i, logger in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+            save_dir = (plain(logger).get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None
+            if isinstance(save_dir, str):
+                field = "trainer.logger" + (f"[{i}]" if isinstance(loggers, list) else "") + ".init_args.save_dir"
+                check_writable(save_dir, field)
 
     def _parse_ckpt_path(self) -> None:  # overrides a private LightningCLI hook (lightning 2.3 - 2.6)
         sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not sub:
             return
+        cfg = self.config[sub]
+        trust = bool(cfg.get("trust_pickle"))
+        if trust:
+            checkpoint_common.TRUST_PICKLE_DEFAULT = True
+            if cfg.get("weights_only") is None and "weights_only" in cfg:
+                cfg["weights_only"] = False
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+            return
+        if not Path(ckpt_path).is_file():
+            raise GenmodelsError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
+        ckpt = self._read_ckpt(Path(ckpt_path), trust)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise GenmodelsError(f"--ckpt_path: {ckpt_path} is not a checkpoint written by `genmodels fit` (no "
+                                 "'state_dict'); official weights load through genmodels.from_official")
+        self._note_overrides(cfg, ckpt, ckpt_path)
+
+    @staticmethod
+    def _read_ckpt(path: Path, trust: bool) -> Any:
+        import torch
+
         try:
-            # mmap: only the pickled hyper-parameters are read, not every tensor of a large checkpoint
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            hparams = ckpt.get("hyper_parameters") or {}
-        except Exception:  # not a checkpoint: the loop that loads it reports that
-            return
-        model = self.config[sub].get("model")
-        config = _flat(model.get("init_args") or {}) if model is not None else {}
-        stored = {k: v for k, v in _flat(hparams).items() if not k.startswith("_")}
+            if trust:
+                return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            # mmap: only the pickled metadata is read, not every tensor of a large checkpoint
+            return checkpoint_common._weights_only_load(path, mmap=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise GenmodelsError("--ckpt_path: " + checkpoint_common.refused_pickle_message(
+                    path, e, "--trust_pickle")) from None
+            raise GenmodelsError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({one_line(e)[:200]})") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise GenmodelsError(f"--ckpt_path: {path} is not a PyTorch checkpoint "
+                                 f"({type(e).__name__}: {one_line(e)[:200]})") from None
+
+    def _note_overrides(self, cfg: Any, ckpt: dict, ckpt_path: str) -> None:
+        """Name on stderr every hyper-parameter / generator / tokenizer field the config changes."""
+        model = cfg.get("model")
+        init = plain(model.get("init_args") or {}) if model is not None else {}
+        config = flatten_config(init)
+        stored = {k: v for k, v in flatten_config(ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        # the architectures (not hyper-parameters: GeneratorModule ignores its generator there)
+        for part, arch in (ckpt.get("genmodels") or {}).items():
+            if isinstance(init.get(part), dict):
+                stored.update(flatten_config(arch, part))
         diffs = [f"  {k}: {stored[k]!r} (checkpoint) -> {config[k]!r} (config)"
                  for k in sorted(stored) if k in config and config[k] != stored[k]]
         if diffs and os.environ.get("LOCAL_RANK", "0") == "0":
@@ -71,10 +137,10 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
             args=args,
         )
-    except (FileNotFoundError, CheckpointMismatchError, KeyError, ValueError) as e:
+    except GenmodelsError as e:
         if os.environ.get("GENMODELS_DEBUG"):
             raise
-        print(f"genmodels: error: {e}\n(set GENMODELS_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"genmodels: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

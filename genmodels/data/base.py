@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from genmodels.errors import GenmodelsError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -97,9 +99,9 @@ class ImageDataModule(LightningDataModule):
                  pin_memory: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch_size / eval_batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
+            raise GenmodelsError(f"data.init_args.batch_size / eval_batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
         if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+            raise GenmodelsError(f"data.init_args.image_size must be >= 1, got {image_size}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self._image_size = image_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -133,6 +135,15 @@ class ImageDataModule(LightningDataModule):
             self._datasets[key] = self._make_dataset(split, augment)
         return self._datasets[key]
 
+    def _nonempty(self, split: str, augment: bool = False) -> Dataset:
+        """``dataset(split)``, refusing an empty split with a one-line error (an empty val split
+        is allowed: it only skips validation, e.g. CIFAR-10 with ``val_size: 0``)."""
+        ds = self.dataset(split, augment)
+        if len(ds) == 0:
+            raise GenmodelsError(f"{type(self).__name__}: the {split} split has 0 images; check the data folders / "
+                                 "files and the split fields of data.init_args")
+        return ds
+
     def reference_dataset(self, split: str) -> Dataset:
         """Real images of ``split`` without augmentation (reference features for FID etc.)."""
         return self.dataset(split, augment=False)
@@ -142,9 +153,9 @@ class ImageDataModule(LightningDataModule):
                           persistent_workers=self.num_workers > 0, **kw)
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset("train", augment=True)
+        ds = self._nonempty("train", augment=True)
         if self.drop_last and len(ds) < self.batch_size:
-            raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
+            raise GenmodelsError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
                              f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
         return self._loader(ds, self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
                             drop_last=self.drop_last)
@@ -153,7 +164,7 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+        return self._loader(self._nonempty("test"), self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         n = self.predict_num_samples

@@ -35,6 +35,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from genmodels.data.base import ImageDataModule
+from genmodels.errors import GenmodelsError
+
+
+class UnreadableImageError(GenmodelsError):
+    """An image file that PIL cannot decode (see ``skip_corrupt``)."""
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # matched case-insensitively
 
@@ -71,26 +76,27 @@ def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125
     return arr[top:top + image_size, left:left + image_size]
 
 
-def find_classes(root: Path) -> list[str]:
-    """Sorted class folder names under ``root``; clear errors for a missing / class-less folder."""
+def find_classes(root: Path, field: str = "data.init_args.train_dir") -> list[str]:
+    """Sorted class folder names under ``root``; a ``GenmodelsError`` naming ``field`` for a
+    missing / class-less folder."""
     if not root.exists():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise GenmodelsError(f"{field}: image folder {root} does not exist")
     if not root.is_dir():
-        raise NotADirectoryError(f"image folder {root} is not a directory")
+        raise GenmodelsError(f"{field}: image folder {root} is not a directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"image folder {root} has no class sub-folders; expected the layout "
-                                f"{root}/<class name>/<images>")
+        raise GenmodelsError(f"{field}: image folder {root} is empty (no class sub-folders); expected the layout "
+                             f"{root}/<class name>/<images>")
     return classes
 
 
-def scan_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
+def scan_images(root: Path, classes: list[str], field: str = "data.init_args.train_dir") -> list[tuple[str, int]]:
     """(path, class index) for every image file of the class folders of ``root`` that are in
     ``classes``, sorted by class then file name (deterministic on any file system)."""
-    found = find_classes(root)
+    found = find_classes(root, field)
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"image folder {root} has class folders that the training folder lacks: {unknown[:5]}"
+        raise GenmodelsError(f"{field}: image folder {root} has class folders that the training folder lacks: {unknown[:5]}"
                          f"{' ...' if len(unknown) > 5 else ''}")
     index = {name: i for i, name in enumerate(classes)}
     samples, empty = [], []
@@ -101,7 +107,7 @@ def scan_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
             empty.append(str(root / name))
         samples += [(str(root / name / f), index[name]) for f in files]
     if empty:
-        raise FileNotFoundError(f"class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {empty[:5]}"
+        raise GenmodelsError(f"{field}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {empty[:5]}"
                                 f"{' ...' if len(empty) > 5 else ''}")
     return samples
 
@@ -125,7 +131,10 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as img:
                 arr = self.crop(img.convert("RGB"))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
-            raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise UnreadableImageError(
+                f"cannot read image {path} ({type(e).__name__}: {why}); fix or delete it, or set "
+                "data.init_args.skip_corrupt: true to skip unreadable images") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +143,12 @@ class ImageFolderDataset(Dataset):
             try:
                 x = self.load(path)
                 break
-            except OSError as e:
+            except UnreadableImageError as e:
                 if not self.skip_corrupt:
                     raise
                 warnings.warn(f"skipping unreadable image (skip_corrupt=True): {e}", stacklevel=2)
         else:
-            raise OSError(f"no readable image among the {len(self.samples)} files of this split")
+            raise GenmodelsError(f"no readable image among the {len(self.samples)} files of this split")
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, torch.tensor(label, dtype=torch.int64)
@@ -178,16 +187,16 @@ class ImageFolderDataModule(ImageDataModule):
         self.save_hyperparameters()
         if val_dir is None and not (isinstance(val_size, int) and val_size >= 1 or
                                     isinstance(val_size, float) and 0 < val_size < 1):
-            raise ValueError(f"val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, got {val_size!r}")
+            raise GenmodelsError(f"data.init_args.val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, got {val_size!r}")
         self.train_dir = Path(train_dir).expanduser()
         self.val_dir = Path(val_dir).expanduser() if val_dir is not None else None
         self.test_dir = Path(test_dir).expanduser() if test_dir is not None else None
         if preprocess not in ("adm", "resize_crop"):
-            raise ValueError(f"preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
+            raise GenmodelsError(f"data.init_args.preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+            raise GenmodelsError(f"data.init_args.interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         if resize_ratio < 1:
-            raise ValueError(f"resize_ratio must be >= 1 (the short side is resized to ratio * image_size), "
+            raise GenmodelsError(f"data.init_args.resize_ratio must be >= 1 (the short side is resized to ratio * image_size), "
                              f"got {resize_ratio}")
         self.val_size, self.split_seed, self.random_flip = val_size, split_seed, random_flip
         self.preprocess, self.resize_ratio, self.interpolation = preprocess, resize_ratio, interpolation
@@ -201,7 +210,7 @@ class ImageFolderDataModule(ImageDataModule):
         if self._classes is None:
             classes = find_classes(self.train_dir)
             if self._expected_classes is not None and len(classes) != self._expected_classes:
-                raise ValueError(f"image folder {self.train_dir} has {len(classes)} class folders, "
+                raise GenmodelsError(f"data.init_args.num_classes: image folder {self.train_dir} has {len(classes)} class folders, "
                                  f"but num_classes={self._expected_classes}")
             self._classes = classes
         return self._classes
@@ -230,17 +239,17 @@ class ImageFolderDataModule(ImageDataModule):
             classes = self.class_names
             train = scan_images(self.train_dir, classes)
             if self.val_dir is not None:
-                val = scan_images(self.val_dir, classes)
+                val = scan_images(self.val_dir, classes, "data.init_args.val_dir")
             else:
                 n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(self.val_size * len(train)))
                 if n_val >= len(train):
-                    raise ValueError(f"val_size={self.val_size} leaves no training images in {self.train_dir} "
+                    raise GenmodelsError(f"data.init_args.val_size={self.val_size} leaves no training images in {self.train_dir} "
                                      f"({len(train)} images)")
                 perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
                 held_out = set(perm[:n_val])
                 val = [s for i, s in enumerate(train) if i in held_out]
                 train = [s for i, s in enumerate(train) if i not in held_out]
-            test = scan_images(self.test_dir, classes) if self.test_dir is not None else val
+            test = scan_images(self.test_dir, classes, "data.init_args.test_dir") if self.test_dir is not None else val
             self._samples = {"train": train, "val": val, "test": test}
         return self._samples
 

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from genmodels.data.base import ImageDataModule, SPLITS
+from genmodels.errors import GenmodelsError
 from genmodels.tokenizers.kl_vae import patchify
 
 META = "meta.json"
@@ -179,18 +180,18 @@ class CachedLatentsDataModule(ImageDataModule):
         self.root = Path(path)
         meta_path = self.root / META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"CachedLatentsDataModule.path: no {META} in {self.root} (make the cache with "
+            raise GenmodelsError(f"CachedLatentsDataModule.path: no {META} in {self.root} (make the cache with "
                                     "`python -m genmodels.data.latents --help`)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown cache format {self.meta.get('format')!r} (expected {FORMAT})")
+            raise GenmodelsError(f"{meta_path}: unknown cache format {self.meta.get('format')!r} (expected {FORMAT})")
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
                          image_size=int(self.meta["image_size"]), eval_batch_size=eval_batch_size,
                          predict_num_samples=predict_num_samples, drop_last=drop_last, pin_memory=pin_memory)
         self.save_hyperparameters()
         self.flip = self.meta["flip"] if flip is None else flip
         if self.flip and not self.meta["flip"]:
-            raise ValueError(f"CachedLatentsDataModule.flip=True but {self.root} was cached without flips")
+            raise GenmodelsError(f"CachedLatentsDataModule.flip=True but {self.root} was cached without flips")
         self.check_tokenizer = check_tokenizer
 
     @property
@@ -203,7 +204,7 @@ class CachedLatentsDataModule(ImageDataModule):
 
     def _make_dataset(self, split: str, augment: bool) -> Dataset:
         if split not in self.meta["splits"]:
-            raise ValueError(f"split {split!r} was not cached in {self.root} (cached: {sorted(self.meta['splits'])}); "
+            raise GenmodelsError(f"split {split!r} was not cached in {self.root} (cached: {sorted(self.meta['splits'])}); "
                              "re-run cache_latents with it")
         ds = CachedLatentsDataset(self.root, self.meta, split, augment)
         ds.flip = ds.flip and self.flip
@@ -221,7 +222,7 @@ class CachedLatentsDataModule(ImageDataModule):
             return
         fp, want = tokenizer_fingerprint(tok), float(self.meta["fingerprint"])
         if not math.isclose(fp, want, rel_tol=1e-6, abs_tol=1e-6):
-            raise ValueError(f"the generator's tokenizer (weight fingerprint {fp:.6g}) is not the one the latents in "
+            raise GenmodelsError(f"the generator's tokenizer (weight fingerprint {fp:.6g}) is not the one the latents in "
                              f"{self.root} were cached with ({want:.6g}): set model.init_args.tokenizer_ckpt to that "
                              "tokenizer, or re-cache (check_tokenizer=false skips this check)")
 

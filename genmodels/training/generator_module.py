@@ -17,11 +17,13 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation import Evaluator
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.training.common import (check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
+                                       param_groups, seed_step)
 from genmodels.utils.images import save_grid, save_pngs, to_uint8
 from genmodels.utils.paths import run_dir
 
@@ -50,7 +52,7 @@ class GeneratorModule(LightningModule):
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
         if (tokenizer_ckpt is None) == (tokenizer is None):
-            raise ValueError("GeneratorModule needs exactly one of tokenizer_ckpt (a trained tokenizer checkpoint) "
+            raise GenmodelsError("GeneratorModule needs exactly one of tokenizer_ckpt (a trained tokenizer checkpoint) "
                              "or tokenizer (a tokenizer config, e.g. pixels)")
         if tokenizer is None:
             tokenizer = load_tokenizer(tokenizer_ckpt, field="model.init_args.tokenizer_ckpt")
@@ -75,6 +77,7 @@ class GeneratorModule(LightningModule):
         else:
             images, labels = batch[0], batch[1]
             tokens = self.tokenizer.encode(images)
+        self.generator.check_training_labels(labels)  # the null class is never a data label
         return tokens, labels.long()
 
     @torch.no_grad()
@@ -88,6 +91,12 @@ class GeneratorModule(LightningModule):
     def _seeded(self, offset: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + offset)
 
+    def setup(self, stage: str) -> None:
+        on_setup(self, self.tokenizer)  # atomic checkpoint writes; data image_size vs the tokenizer's
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, "generator")  # one line naming the field / key if it does not fit
+
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.hparams.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank, self.trainer.world_size)
@@ -95,6 +104,7 @@ class GeneratorModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
         out = self.generator.forward_loss(tokens, labels)
+        check_finite_losses(out, self.global_step)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()
                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
         self.log("train/loss", out["loss"].detach(), prog_bar=True)
