@@ -28,6 +28,17 @@ from genmodels.utils.paths import check_writable
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
+def user_mistake(e: BaseException) -> GenmodelsError | None:
+    """The ``GenmodelsError`` behind ``e`` (jsonargparse wraps a constructor's error in its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, GenmodelsError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__
+    return None
+
+
 def one_line(e: BaseException) -> str:
     """The message of a user mistake as one line (a DataLoader worker wraps it in a traceback)."""
     msg = str(e).strip()
@@ -55,6 +66,24 @@ class GenmodelsCLI(LightningCLI):
         parser.add_argument("--trust_pickle", type=bool, default=False,
                             help="load checkpoint files that pickle arbitrary Python objects (this runs their code: "
                                  "only for files from a source you trust)")
+
+    def instantiate_classes(self) -> None:
+        """Build the config's objects. A constructor rejecting its arguments is a config mistake:
+        its ``GenmodelsError`` -- or a ``ValueError`` raised by the constructor itself while
+        building, the argument checks of modules not yet converted -- becomes one line; any
+        other exception keeps its traceback."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            found = user_mistake(e)
+            if found is not None:
+                raise found
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if type(root) is ValueError and root is not e:  # jsonargparse wrapped a constructor's check
+                raise GenmodelsError(f"invalid config: {one_line(root)}") from e
+            raise
 
     def before_instantiate_classes(self) -> None:
         """Refuse an output folder that cannot be written before any work is done."""
@@ -137,10 +166,11 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
             args=args,
         )
-    except GenmodelsError as e:
-        if os.environ.get("GENMODELS_DEBUG"):
+    except Exception as e:
+        found = user_mistake(e)
+        if found is None or os.environ.get("GENMODELS_DEBUG"):
             raise
-        print(f"genmodels: error: {one_line(e)}", file=sys.stderr)
+        print(f"genmodels: error: {one_line(found)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -90,6 +90,21 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def check_kwargs(kind: str, given: Mapping[str, Any], *targets: Callable[..., Any]) -> None:
+    """``from_official(kind, ..., **given)``: a ``GenmodelsError`` naming the keyword arguments
+    that none of ``targets`` (the converter and what it forwards ``**kwargs`` to) accepts."""
+    import inspect
+
+    accepted: set[str] = set()
+    for fn in targets:
+        params = inspect.signature(fn).parameters.values()
+        accepted |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = sorted(set(given) - accepted - {"self", "state_dict"})
+    if unknown:
+        raise GenmodelsError(f"from_official({kind!r}): unknown keyword argument(s) {', '.join(unknown)}; accepted: "
+                             f"{', '.join(sorted(accepted - {'self', 'state_dict'}))}")
+
+
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str = "checkpoint",
                 made_for: Callable[[Mapping[str, torch.Tensor]], str] | None = None,
                 ignore: tuple[str, ...] = ()) -> None:

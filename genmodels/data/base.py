@@ -10,6 +10,7 @@ Subclasses implement ``_make_dataset(split, augment)`` (``split`` in train/val/t
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,6 +53,70 @@ class EpochSeededSampler(Sampler[int]):
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
         g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         return iter(torch.randperm(self.num_items, generator=g).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` that resumes mid-epoch exactly where a checkpoint left it.
+
+    Lightning saves the ``state_dict()`` of a loader that has one (the ``Stateful`` protocol)
+    in the checkpoint's ``loops`` section and calls ``load_state_dict`` on resume, before the
+    first batch. The state is the epoch and the number of batches handed out in it; on
+    resume the loader skips that many batches of *indices* (cheap: no image is read), so
+    with the epoch-seeded order (``EpochSeededSampler``) and per-step seeds the resumed run
+    sees exactly the batches the uninterrupted run sees. Works with any sampler Lightning
+    injects (e.g. its ``DistributedSamplerWrapper`` under DDP): the skip applies to this
+    rank's batches. Lightning fetches without look-ahead when the loader has a length, so the
+    count is the number of batches trained on.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0     # epoch of the batches being handed out
+        self._yielded = 0   # batches handed out in that epoch (including skipped ones)
+        self._skip = 0      # batches to skip at the next iteration (set by load_state_dict)
+        self._skipping = 0  # the skip of the iterator being created (read by _index_sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, done = int(state["epoch"]), int(state["batches"])
+        self._skip = done if done < len(self) else 0  # an epoch-end checkpoint starts the next epoch afresh
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # the order is fixed before Lightning's own set_epoch
+                sampler.set_epoch(self._epoch)
+
+    @property
+    def _index_sampler(self):  # torch's DataLoader iterators draw the batches' indices from here
+        index_sampler = super()._index_sampler
+        return _SkipOnce(index_sampler, self._skipping) if self._skipping else index_sampler
+
+    def __iter__(self):
+        sampler = getattr(self.batch_sampler, "sampler", None) or self.sampler
+        self._epoch = int(getattr(sampler, "epoch", self._epoch))
+        self._skipping, self._skip = self._skip, 0
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._yielded, self._skipping = self._skipping, 0
+        for batch in iterator:
+            self._yielded += 1
+            yield batch
+
+
+class _SkipOnce:
+    """An index sampler whose first iteration leaves out its first ``n`` items (batches of
+    indices); later iterations (a persistent-workers iterator is reused) are whole."""
+
+    def __init__(self, sampler, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        n, self.n = self.n, 0
+        return itertools.islice(iter(self.sampler), n, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.n)
 
 
 class UInt8ImageDataset(Dataset):
@@ -157,8 +222,9 @@ class ImageDataModule(LightningDataModule):
         if self.drop_last and len(ds) < self.batch_size:
             raise GenmodelsError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
                              f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
-        return self._loader(ds, self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
-                            drop_last=self.drop_last)
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
+                                   drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
