@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def one_line(e: BaseException) -> str:
     msg = str(e).strip()
     if "Original Traceback" in msg:  # re-raised from a DataLoader worker: the last line is ours
         last = msg.splitlines()[-1]
-        msg = last.split(f"{type(e).__name__}: ", 1)[-1]
+        msg = re.sub(r"^[\w.]+: ", "", last)  # "genmodels.errors.GenmodelsError: <message>"
     return " ".join(msg.split())
 
 
