@@ -33,14 +33,18 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 class EpochSeededSampler(Sampler[int]):
     """Random permutation of ``range(num_items)`` that depends only on ``(seed, epoch)``.
 
+    ``augment_seeds=True``: yield ``(index, seed)`` pairs instead, a seed per sample for its
+    augmentation draws (see ``augment_key``); datasets that set ``accepts_augment_seeds`` take them.
+
     Lightning calls ``set_epoch(epoch)`` before every training epoch (and forwards it through
     its ``DistributedSamplerWrapper`` under DDP), so a run resumed from an end-of-epoch
     checkpoint sees exactly the batches an uninterrupted run sees. Independent of the global
     RNG, unlike ``RandomSampler``.
     """
 
-    def __init__(self, num_items: int, seed: int = 0) -> None:
+    def __init__(self, num_items: int, seed: int = 0, augment_seeds: bool = False) -> None:
         self.num_items, self.seed, self.epoch = int(num_items), int(seed), 0
+        self.augment_seeds = augment_seeds
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -52,7 +56,24 @@ class EpochSeededSampler(Sampler[int]):
         # SeedSequence mixes (seed, epoch) so that e.g. (0, 1) and (1, 0) give unrelated orders.
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
         g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        return iter(torch.randperm(self.num_items, generator=g).tolist())
+        order = torch.randperm(self.num_items, generator=g).tolist()
+        if not self.augment_seeds:
+            return iter(order)
+        seeds = torch.randint(0, 2 ** 62, (self.num_items,), generator=g).tolist()
+        return iter(zip(order, seeds))
+
+
+def augment_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    """A dataset key -> (index, generator of this sample's augmentation draws).
+
+    A key is an index, or ``(index, seed)`` from ``EpochSeededSampler(augment_seeds=True)``:
+    then flips, crops and noise depend only on (seed, epoch, position), not on the global
+    RNG, a DataLoader worker's seed or where a run was resumed. With a plain index the
+    draws come from torch's global RNG (``None``).
+    """
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), torch.Generator().manual_seed(int(key[1]))
+    return int(key), None
 
 
 class ResumableDataLoader(DataLoader):
@@ -123,8 +144,10 @@ class UInt8ImageDataset(Dataset):
     """Images kept as uint8 (N, C, H, W) (C = 1 or 3) -> (float32 (3, H, W) in [-1, 1], int64 label).
 
     ``flip``: random horizontal flip with probability 1/2 (training augmentation), drawn
-    from torch's global RNG (seeded per worker by the DataLoader).
+    from the key's seed (``augment_key``) or torch's global RNG.
     """
+
+    accepts_augment_seeds = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, flip: bool = False) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -136,10 +159,11 @@ class UInt8ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, g = augment_key(key)
         x = self.images[i].float() / 127.5 - 1.0
         x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x.contiguous(), self.labels[i]
 
@@ -222,7 +246,8 @@ class ImageDataModule(LightningDataModule):
         if self.drop_last and len(ds) < self.batch_size:
             raise GenmodelsError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
                              f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
-        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
+        sampler = EpochSeededSampler(len(ds), self.seed, augment_seeds=getattr(ds, "accepts_augment_seeds", False))
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                                    drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                    persistent_workers=self.num_workers > 0)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from genmodels.data.base import ImageDataModule
+from genmodels.data.base import ImageDataModule, augment_key
 from genmodels.errors import GenmodelsError
 
 
@@ -59,7 +60,7 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear"
 
 
 def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125, interpolation: str = "lanczos",
-                random_crop: bool = False) -> np.ndarray:
+                random_crop: bool = False, generator: torch.Generator | None = None) -> np.ndarray:
     """torchvision ``Resize(round(resize_ratio * image_size))`` (short side; long side truncated
     as torchvision does) + ``RandomCrop`` / ``CenterCrop(image_size)``: PIL -> uint8 (S, S, C)."""
     short = round(resize_ratio * image_size)
@@ -69,8 +70,8 @@ def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125
         image = image.resize((new_w, new_h), resample=INTERPOLATIONS[interpolation])
     arr = np.asarray(image)
     if random_crop:
-        top = int(torch.randint(0, new_h - image_size + 1, ()))
-        left = int(torch.randint(0, new_w - image_size + 1, ()))
+        top = int(torch.randint(0, new_h - image_size + 1, (), generator=generator))
+        left = int(torch.randint(0, new_w - image_size + 1, (), generator=generator))
     else:
         top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
     return arr[top:top + image_size, left:left + image_size]
@@ -118,18 +119,21 @@ class ImageFolderDataset(Dataset):
     ``crop``: a function PIL RGB image -> uint8 (S, S, 3) array (default: ADM's centre crop).
     """
 
+    accepts_augment_seeds = True  # keys may be (index, seed): see genmodels.data.base.augment_key
+
     def __init__(self, samples: list[tuple[str, int]], image_size: int, flip: bool = False,
                  skip_corrupt: bool = False, crop: Callable[[Image.Image], np.ndarray] | None = None) -> None:
         self.samples, self.image_size, self.flip, self.skip_corrupt = samples, image_size, flip, skip_corrupt
         self.crop = crop or functools.partial(center_crop_arr, image_size=image_size)
+        self._crop_draws = "generator" in inspect.signature(self.crop).parameters  # a random crop
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, path: str) -> torch.Tensor:
+    def load(self, path: str, generator: torch.Generator | None = None) -> torch.Tensor:
         try:
             with Image.open(path) as img:
-                arr = self.crop(img.convert("RGB"))
+                arr = self.crop(img.convert("RGB"), **({"generator": generator} if self._crop_draws else {}))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
             why = (str(e).strip().splitlines() or [""])[0]
             raise UnreadableImageError(
@@ -137,11 +141,12 @@ class ImageFolderDataset(Dataset):
                 "data.init_args.skip_corrupt: true to skip unreadable images") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, g = augment_key(key)
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                x = self.load(path)
+                x = self.load(path, g)
                 break
             except UnreadableImageError as e:
                 if not self.skip_corrupt:
@@ -149,7 +154,7 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(f"skipping unreadable image (skip_corrupt=True): {e}", stacklevel=2)
         else:
             raise GenmodelsError(f"no readable image among the {len(self.samples)} files of this split")
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x, torch.tensor(label, dtype=torch.int64)
 

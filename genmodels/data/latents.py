@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from genmodels.data.base import ImageDataModule, SPLITS
+from genmodels.data.base import SPLITS, ImageDataModule, augment_key
 from genmodels.errors import GenmodelsError
 from genmodels.tokenizers.kl_vae import patchify
 
@@ -143,19 +143,22 @@ class CachedLatentsDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    accepts_augment_seeds = True  # keys may be (index, seed): see genmodels.data.base.augment_key
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, g = augment_key(key)
         if not 0 <= i < len(self):
             raise IndexError(i)
         k = next(j for j in range(len(self.files)) if i < self.offsets[j + 1])
         h, j = self._handle(self.files[k]), i - self.offsets[k]
-        key = "moments_flip" if self.flip and torch.rand(()) < 0.5 else "moments"
-        x = h.get_slice(key)[j:j + 1][0]
+        name = "moments_flip" if self.flip and torch.rand((), generator=g) < 0.5 else "moments"
+        x = h.get_slice(name)[j:j + 1][0]
         if self.kind == "tokens":
             return {"tokens": x, "labels": self.labels[i]}
         mean, logvar = x.float().chunk(2, dim=0)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         if self.augment:
-            noise = torch.randn(mean.shape)
+            noise = torch.randn(mean.shape, generator=g)
         else:
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(i))
         z = (mean + std * noise) * self.scale
