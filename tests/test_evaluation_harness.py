@@ -18,6 +18,7 @@ from torch import nn
 
 from genmodels.evaluation import Evaluator, frechet_distance, feature_statistics, read_adm_npz, read_rows
 from genmodels.evaluation.reference import write_adm_npz
+from genmodels.errors import GenmodelsError
 
 
 def digits_split(split: str):
@@ -162,7 +163,7 @@ def test_adm_reference_npz_stored_statistics_and_sample_export(tmp_path):
 
 def test_adm_npz_errors_and_official_warnings(tmp_path):
     x, y = digits_split("test")
-    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled"):
+    with pytest.raises(GenmodelsError, match="VIRTUAL_imagenet256_labeled"):
         read_adm_npz(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npz"
     np.savez(bad, arr_0=np.zeros((4, 8, 8, 3), np.float32))

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation.features import FeatureExtractor, build_feature_extractor
 from genmodels.evaluation.metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, \
     precision_recall
@@ -162,11 +163,11 @@ class Evaluator(nn.Module):
                  metric_prefix: str = "test/", progress: bool = True) -> None:
         super().__init__()
         if num_samples < 2 or batch_size < 1:
-            raise ValueError(f"Evaluator: num_samples must be >= 2 and batch_size >= 1, got {num_samples}, {batch_size}")
+            raise GenmodelsError(f"Evaluator: num_samples must be >= 2 and batch_size >= 1, got {num_samples}, {batch_size}")
         if num_samples < is_splits:
-            raise ValueError(f"Evaluator: num_samples={num_samples} is fewer than is_splits={is_splits}")
+            raise GenmodelsError(f"Evaluator: num_samples={num_samples} is fewer than is_splits={is_splits}")
         if autocast not in (None, "bf16", "fp16"):
-            raise ValueError(f"Evaluator: autocast must be null, 'bf16' or 'fp16', got {autocast!r}")
+            raise GenmodelsError(f"Evaluator: autocast must be null, 'bf16' or 'fp16', got {autocast!r}")
         self.feature_extractor_spec = feature_extractor
         self.feature_extractor_kwargs = dict(feature_extractor_kwargs or {})
         self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
@@ -336,7 +337,7 @@ class Evaluator(nn.Module):
             self._real_pending = True
             self.real.limit = n
         else:
-            raise ValueError(f"Evaluator: reference={spec!r} needs a data module with reference_dataset(split) "
+            raise GenmodelsError(f"Evaluator: reference={spec!r} needs a data module with reference_dataset(split) "
                              "(genmodels.data.ImageDataModule); without one only 'test' (the test batches) or an "
                              "ADM .npz path can be used")
 
@@ -514,7 +515,7 @@ class Evaluator(nn.Module):
         trainer = _trainer_of(module)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is None or not hasattr(dm, "reference_dataset"):
-            raise ValueError("evaluate_reconstructions needs a data module with reference_dataset(split)")
+            raise GenmodelsError("evaluate_reconstructions needs a data module with reference_dataset(split)")
         split = split or (self.reference_spec if not self.reference_spec.endswith(".npz") else "test")
         dataset = dm.reference_dataset(split)
         n = len(dataset) if self.num_reference is None else min(self.num_reference, len(dataset))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from genmodels.errors import GenmodelsError
 from genmodels.utils.config import import_class
 
 FIDELITY_HINT = ("the 'inception' feature extractor needs torch-fidelity (and torchvision): "
@@ -110,7 +111,7 @@ class ModuleFeatures(FeatureExtractor):
                  name: str | None = None) -> None:
         super().__init__()
         if input_range not in ("[-1,1]", "[0,1]", "uint8"):
-            raise ValueError(f"ModuleFeatures: input_range must be '[-1,1]', '[0,1]' or 'uint8', got {input_range!r}")
+            raise GenmodelsError(f"ModuleFeatures: input_range must be '[-1,1]', '[0,1]' or 'uint8', got {input_range!r}")
         if isinstance(module, str):
             cls = import_class(module)
             module = cls(**(init_args or {}))
@@ -158,5 +159,5 @@ def build_feature_extractor(spec: str | nn.Module, **kwargs: Any) -> FeatureExtr
         if isinstance(cls, type) and issubclass(cls, FeatureExtractor):
             return cls(**kwargs)
         return ModuleFeatures(spec, **kwargs)
-    raise ValueError(f"unknown feature_extractor {spec!r}: use 'digits-classifier', 'inception' or a class path "
+    raise GenmodelsError(f"unknown feature_extractor {spec!r}: use 'digits-classifier', 'inception' or a class path "
                      "'package.module.Class' of an nn.Module")

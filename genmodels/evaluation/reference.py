@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genmodels.errors import GenmodelsError
+
 
 @dataclass
 class Reference:
@@ -81,24 +83,24 @@ def read_adm_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, np.nd
     """``(images uint8 (N, H, W, 3), mu or None, sigma or None)`` from an ADM-format npz."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference npz not found: {path} (for ImageNet 256 download "
+        raise GenmodelsError(f"reference npz not found: {path} (for ImageNet 256 download "
                                 "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations README)")
     try:
         z = np.load(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e})") from e
+        raise GenmodelsError(f"{path} is not a readable .npz file ({e})") from e
     with z:
         if "arr_0" not in z.files:
-            raise ValueError(f"{path}: ADM reference npz needs 'arr_0' (uint8 images N x H x W x 3), has {z.files}")
+            raise GenmodelsError(f"{path}: ADM reference npz needs 'arr_0' (uint8 images N x H x W x 3), has {z.files}")
         images = z["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise GenmodelsError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         mu = z["mu"].astype(np.float64) if "mu" in z.files else None
         sigma = z["sigma"].astype(np.float64) if "sigma" in z.files else None
     if (mu is None) != (sigma is None):
-        raise ValueError(f"{path}: has only one of 'mu' / 'sigma'")
+        raise GenmodelsError(f"{path}: has only one of 'mu' / 'sigma'")
     if mu is not None and (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))):
-        raise ValueError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D, D)")
+        raise GenmodelsError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D, D)")
     return images, mu, sigma
 
 

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from genmodels.errors import GenmodelsError
+
 # CSV columns, in order (nested values -> JSON strings, lists -> ';'-joined).
 CSV_COLUMNS = [
     "name", "kind", "model", "tokenizer", "params_generator", "params_tokenizer", "sampling", "num_samples",
@@ -58,7 +60,7 @@ def append_results_row(row: dict[str, Any], path: str | Path) -> Path:
     """Append ``row`` to ``path`` (``.jsonl``) and rewrite ``path.with_suffix('.csv')``."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        raise ValueError(f"results_file must end in .jsonl, got {path}")
+        raise GenmodelsError(f"results_file must end in .jsonl, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row, default=str) + "\n")
