@@ -16,7 +16,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -157,22 +157,33 @@ class GenmodelsCLI(LightningCLI):
                   + "\n".join(diffs), file=sys.stderr)
 
 
-def main(args: list[str] | None = None) -> None:
+def report_user_mistakes(run: Callable[[], Any]) -> Any:
+    """Run ``run()`` (a subcommand); a user mistake (``GenmodelsError``, also when wrapped by
+    jsonargparse or a DataLoader worker) becomes one line ``genmodels: error: ...`` on stderr
+    and exit code 2 (``GENMODELS_DEBUG=1``: the traceback instead); any other exception
+    propagates with its traceback. ``--trust_pickle`` holds for this run only."""
+    trust_default = checkpoint_common.TRUST_PICKLE_DEFAULT
     try:
-        GenmodelsCLI(
-            model_class=None, subclass_mode_model=True,
-            datamodule_class=None, subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
-            args=args,
-        )
+        return run()
     except Exception as e:
         found = user_mistake(e)
         if found is None or os.environ.get("GENMODELS_DEBUG"):
             raise
         print(f"genmodels: error: {one_line(found)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        checkpoint_common.TRUST_PICKLE_DEFAULT = trust_default
+
+
+def main(args: list[str] | None = None) -> None:
+    report_user_mistakes(lambda: GenmodelsCLI(
+        model_class=None, subclass_mode_model=True,
+        datamodule_class=None, subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
+        args=args,
+    ))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,13 @@ def test_pickled_code_never_runs_without_opt_in(tmp_path, ckpts, capsys):
     assert "evil.ckpt" in msg and "--trust_pickle" in msg, msg
     assert not marker.exists(), "a pickle ran"
 
-    # the explicit opt-in does unpickle (here: runs the payload)
+    # the explicit opt-ins do unpickle (here: run the payload)
+    cfg = _write(tmp_path / "evil3.yaml", _gen(tokenizer_ckpt=str(evil)), _data(), _trainer(tmp_path / "run3"))
+    main(["fit", "-c", str(cfg), "--trust_pickle=true"])
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(GenmodelsError):  # the flag held for that run only
+        read_checkpoint(evil)
     read_checkpoint(evil, trust_pickle=True)
     assert marker.exists()
     # what the official MAR / FractalGen files pickle loads without opt-in
