@@ -179,3 +179,21 @@ def test_resumed_loader_replays_augmented_batches_exactly(tmp_path):
     again = loader()
     again.sampler.set_epoch(1)
     assert not all(torch.equal(a, b) for a, b in zip([x for x, _ in again][:2], batches[2:]))  # not a constant
+
+
+def test_check_finite_losses_names_the_term_and_agrees_across_ranks():
+    from genmodels.training.common import NonFiniteLossError, check_finite_losses
+
+    check_finite_losses({"loss": torch.tensor(1.0), "recon": torch.full((2, 3), float("nan"))}, 7)  # not a scalar
+    with pytest.raises(NonFiniteLossError, match=r"step 7: loss term 'vb' is inf \(also non-finite: loss\)"):
+        check_finite_losses({"mse": torch.tensor(0.5), "vb": torch.tensor(float("inf")),
+                             "loss": torch.tensor(float("nan"))}, 7)
+
+    class OtherRankDiverged:  # a 2-process strategy whose other rank saw a NaN
+        world_size = 2
+
+        def reduce_boolean_decision(self, decision, all=True):
+            return False
+
+    with pytest.raises(NonFiniteLossError, match="non-finite on another process"):
+        check_finite_losses({"loss": torch.tensor(1.0)}, 3, OtherRankDiverged())

@@ -69,24 +69,29 @@ class NonFiniteLossError(GenmodelsError):
     """A loss term became NaN / inf: training stops (the last checkpoint written before is kept)."""
 
 
-def check_finite_losses(losses: Mapping[str, Any], step: int) -> None:
+def check_finite_losses(losses: Mapping[str, Any], step: int, strategy: Any = None) -> None:
     """Raise ``NonFiniteLossError`` naming ``step`` and the first non-finite scalar term of ``losses``.
 
-    One device sync per call (``torch.isfinite`` over all scalar terms at once). Raising inside
-    ``training_step`` stops the run before the optimiser applies the step, so the checkpoints
-    written before stay the last good ones (Lightning saves no checkpoint on an exception).
+    One device sync per call (``torch.isfinite`` over all scalar terms at once); with a
+    multi-process ``strategy`` the decision is shared (one boolean all-reduce), so every rank
+    stops together instead of the others waiting forever in the gradient all-reduce. Raising
+    inside ``training_step`` stops the run before the optimiser applies the step, so the
+    checkpoints written before stay the last good ones (Lightning saves none on an exception).
     """
     terms = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel() == 1}
-    if not terms:
-        return
-    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) if terms else torch.zeros(1)
     finite = torch.isfinite(values)
-    if bool(finite.all()):
+    ok = bool(finite.all())
+    if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+        ok = bool(strategy.reduce_boolean_decision(ok, all=True))
+    if ok:
         return
-    bad = [(k, float(x)) for (k, x), ok in zip(zip(terms, values.tolist()), finite.tolist()) if not ok]
+    bad = [(k, float(x)) for (k, x), good in zip(zip(terms, values.tolist()), finite.tolist()) if not good]
+    what = (f"loss term {bad[0][0]!r} is {bad[0][1]}" + (f" (also non-finite: {', '.join(k for k, _ in bad[1:])})"
+                                                         if len(bad) > 1 else "")) if bad else \
+        "a loss term is non-finite on another process"
     raise NonFiniteLossError(
-        f"training stopped at step {step}: loss term {bad[0][0]!r} is {bad[0][1]}"
-        + (f" (also non-finite: {', '.join(k for k, _ in bad[1:])})" if len(bad) > 1 else "")
+        f"training stopped at step {step}: {what}"
         + "; the last checkpoint written before this step is kept (resume with --ckpt_path .../last.ckpt after "
           "lowering model.init_args.lr or adding trainer.gradient_clip_val)")
 

@@ -104,7 +104,7 @@ class GeneratorModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
         out = self.generator.forward_loss(tokens, labels)
-        check_finite_losses(out, self.global_step)
+        check_finite_losses(out, self.global_step, self.trainer.strategy)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()
                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
         self.log("train/loss", out["loss"].detach(), prog_bar=True)

@@ -94,7 +94,7 @@ class TokenizerModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images = batch[0]
         out = self._losses(images)
-        check_finite_losses(out, self._batch_index())
+        check_finite_losses(out, self._batch_index(), self.trainer.strategy)
         if self.automatic_optimization:
             self._log("train", out)
             self.log("train/loss", out["loss"].detach(), prog_bar=True)
@@ -112,7 +112,7 @@ class TokenizerModule(LightningModule):
                 weight = weight * adaptive_weight(out["rec_loss"], g_loss, last)
             loss = loss + weight * g_loss
             out.update(g_loss=g_loss, disc_factor=torch.as_tensor(float(weight)))
-            check_finite_losses({"g_loss": g_loss, "loss": loss}, self._batch_index())
+            check_finite_losses({"g_loss": g_loss, "loss": loss}, self._batch_index(), self.trainer.strategy)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.clip_gradients(opt_g, gradient_clip_val=self.trainer.gradient_clip_val)
@@ -120,7 +120,7 @@ class TokenizerModule(LightningModule):
         sch_g.step()
         if gan_on:
             d_loss = hinge_d_loss(self.discriminator(images.detach()), self.discriminator(out["recon"].detach()))
-            check_finite_losses({"d_loss": d_loss}, self._batch_index())
+            check_finite_losses({"d_loss": d_loss}, self._batch_index(), self.trainer.strategy)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.step()
