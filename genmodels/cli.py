@@ -150,6 +150,16 @@ class GenmodelsCLI(LightningCLI):
         for part, arch in (ckpt.get("genmodels") or {}).items():
             if isinstance(init.get(part), dict):
                 stored.update(flatten_config(arch, part))
+        tok_ckpt, tok_arch = init.get("tokenizer_ckpt"), (ckpt.get("genmodels") or {}).get("tokenizer")
+        if isinstance(tok_ckpt, str) and tok_arch is not None and Path(tok_ckpt).is_file():
+            try:  # the tokenizer the config loads vs the one the checkpoint was trained on
+                theirs = checkpoint_common._weights_only_load(Path(tok_ckpt), mmap=True)["genmodels"]["tokenizer"]
+            except Exception:  # an unreadable tokenizer_ckpt is reported when it is loaded
+                theirs = None
+            if theirs is not None:
+                key = "tokenizer (of tokenizer_ckpt)"
+                stored.update(flatten_config(tok_arch, key))
+                config.update(flatten_config(theirs, key))
         diffs = [f"  {k}: {stored[k]!r} (checkpoint) -> {config[k]!r} (config)"
                  for k in sorted(stored) if k in config and config[k] != stored[k]]
         if diffs and os.environ.get("LOCAL_RANK", "0") == "0":

@@ -329,3 +329,21 @@ def test_programming_errors_keep_their_traceback(tmp_path, capsys, monkeypatch):
     cfg = _write(tmp_path / "w.yaml", TOKENIZER, _data(), _trainer(blocker / "runs"))
     with pytest.raises(GenmodelsError, match="default_root_dir"):
         main(["fit", "-c", str(cfg)])
+
+
+def test_ckpt_path_trained_on_another_tokenizer(tmp_path, ckpts, capsys):
+    tok, gen_ckpt, gen = ckpts
+    t = TOKENIZER["model"]["init_args"]["tokenizer"]
+    wide = {"model": {**TOKENIZER["model"], "init_args": {**TOKENIZER["model"]["init_args"], "tokenizer": {
+        **t, "init_args": {**t["init_args"], "ch": 64}}}}}
+    main(["fit", "-c", str(_write(tmp_path / "tok64.yaml", wide, _data(), _trainer(tmp_path / "tok64")))])
+    tok64 = next((tmp_path / "tok64").glob("**/*.ckpt"))
+    cfg = _write(tmp_path / "g.yaml", _gen(tokenizer_ckpt=str(tok64)), _data(), _trainer(tmp_path / "run"))
+    msg = _error("--ckpt_path trained on a ch=32 tokenizer, tokenizer_ckpt with ch=64",
+                 ["fit", "-c", str(cfg), "--ckpt_path", str(gen_ckpt)], capsys)
+    assert "the tokenizer of model.init_args.tokenizer_ckpt: init_args.ch=32 in the checkpoint but 64" in msg, msg
+    assert "'tokenizer." in msg and "in the checkpoint but" in msg, msg
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(cfg), "--ckpt_path", str(gen_ckpt)])
+    assert "tokenizer (of tokenizer_ckpt).init_args.ch: 32 (checkpoint) -> 64 (config)" in capsys.readouterr().err

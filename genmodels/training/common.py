@@ -144,10 +144,12 @@ def check_checkpoint_fits(module: Any, checkpoint: Mapping[str, Any], trains: st
         if theirs is None or not hasattr(mine, "config"):
             continue
         a, b = flatten_config(theirs), flatten_config(mine.config)
-        fields += [f"{part}.{k}={a.get(k)!r} in the checkpoint but {b.get(k)!r} in the config"
+        from_file = part == "tokenizer" and (getattr(module, "hparams", None) or {}).get("tokenizer_ckpt")
+        where = "the tokenizer of model.init_args.tokenizer_ckpt: " if from_file else f"model.init_args.{part}."
+        fields += [f"{where}{k}={a.get(k)!r} in the checkpoint but {b.get(k)!r} in the config"
                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    differ = f"model.init_args.{fields[0]}" + (f" (and {len(fields) - 1} more field(s))" if len(fields) > 1 else "")
-    raise GenmodelsError(f"{name} does not fit the model: " + (differ + "; " if fields else "") + first)
+    differ = fields[0] + (f" (and {len(fields) - 1} more field(s))" if len(fields) > 1 else "") if fields else ""
+    raise GenmodelsError(f"{name} does not fit the model: " + (differ + "; " if differ else "") + first)
 
 
 def check_image_size(datamodule: Any, tokenizer: Any) -> None:
