@@ -92,7 +92,7 @@ def mar_kwargs(**official: Any) -> dict[str, Any]:
     unknown = set(official) - _MAR_OFFICIAL_ARGS
     if unknown:
         raise GenmodelsError(f"from_official('mar'): unknown argument(s) {sorted(unknown)}; accepted: model, "
-                        f"{', '.join(sorted(_MAR_OFFICIAL_ARGS))}")
+                             f"{', '.join(sorted(_MAR_OFFICIAL_ARGS))}")
     official.pop("norm_layer", None)  # always LayerNorm(eps=1e-6) in the official constructors
     kw = {**_MAR_OFFICIAL_DEFAULTS, **official}
     if model_name is not None:

@@ -77,7 +77,7 @@ def _var_kwargs(kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     unknown = set(kw) - _VAR_ARGS - _IGNORED_BUILD_ARGS
     if unknown:
         raise GenmodelsError(f"from_official('var'): unknown argument(s) {sorted(unknown)}; accepted: "
-                        f"{sorted(_VAR_ARGS | _IGNORED_BUILD_ARGS)}")
+                             f"{sorted(_VAR_ARGS | _IGNORED_BUILD_ARGS)}")
     vae = kw.pop("vae_local", None)
     for k in _IGNORED_BUILD_ARGS:
         kw.pop(k, None)

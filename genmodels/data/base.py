@@ -188,7 +188,8 @@ class ImageDataModule(LightningDataModule):
                  pin_memory: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise GenmodelsError(f"data.init_args.batch_size / eval_batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
+            raise GenmodelsError(f"data.init_args.batch_size / eval_batch_size must be >= 1, got {batch_size} / "
+                                 f"{eval_batch_size}")
         if image_size < 1:
             raise GenmodelsError(f"data.init_args.image_size must be >= 1, got {image_size}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -245,7 +246,7 @@ class ImageDataModule(LightningDataModule):
         ds = self._nonempty("train", augment=True)
         if self.drop_last and len(ds) < self.batch_size:
             raise GenmodelsError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "
-                             f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
+                                 f"batch_size={self.batch_size} with drop_last=True: no batch would be produced")
         sampler = EpochSeededSampler(len(ds), self.seed, augment_seeds=getattr(ds, "accepts_augment_seeds", False))
         return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                                    drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,

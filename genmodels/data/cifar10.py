@@ -32,7 +32,7 @@ def find_cifar_folder(root: str | Path) -> Path:
     if not root.is_dir():
         raise GenmodelsError(f"CIFAR-10 folder {root} does not exist; {NOT_DOWNLOADED}")
     raise GenmodelsError(f"no CIFAR-10 batches (test_batch) in {root} nor in {root / 'cifar-10-batches-py'}; "
-                            f"{NOT_DOWNLOADED}")
+                         f"{NOT_DOWNLOADED}")
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -120,7 +120,8 @@ class CIFAR10DataModule(ImageDataModule):
             if self.image_size != 32:
                 train_x, test_x = (_resize(x, self.image_size) for x in (train_x, test_x))
             if not 0 <= self.val_size < len(train_x):
-                raise GenmodelsError(f"val_size={self.val_size} must be in [0, {len(train_x)}) (training images in {folder})")
+                raise GenmodelsError(f"data.init_args.val_size={self.val_size} must be in [0, {len(train_x)}) "
+                                     f"(training images in {folder})")
             perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.split_seed))
             val_idx, train_idx = perm[:self.val_size].sort().values, perm[self.val_size:].sort().values
             self._tensors = {"train": (train_x[train_idx], train_y[train_idx]),

@@ -97,8 +97,9 @@ def scan_images(root: Path, classes: list[str], field: str = "data.init_args.tra
     found = find_classes(root, field)
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise GenmodelsError(f"{field}: image folder {root} has class folders that the training folder lacks: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise GenmodelsError(f"{field}: image folder {root} has class folders that the training folder lacks: "
+                             f"{unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
     index = {name: i for i, name in enumerate(classes)}
     samples, empty = [], []
     for name in found:
@@ -109,7 +110,7 @@ def scan_images(root: Path, classes: list[str], field: str = "data.init_args.tra
         samples += [(str(root / name / f), index[name]) for f in files]
     if empty:
         raise GenmodelsError(f"{field}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {empty[:5]}"
-                                f"{' ...' if len(empty) > 5 else ''}")
+                             f"{' ...' if len(empty) > 5 else ''}")
     return samples
 
 
@@ -192,17 +193,20 @@ class ImageFolderDataModule(ImageDataModule):
         self.save_hyperparameters()
         if val_dir is None and not (isinstance(val_size, int) and val_size >= 1 or
                                     isinstance(val_size, float) and 0 < val_size < 1):
-            raise GenmodelsError(f"data.init_args.val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, got {val_size!r}")
+            raise GenmodelsError(f"data.init_args.val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, "
+                                 f"got {val_size!r}")
         self.train_dir = Path(train_dir).expanduser()
         self.val_dir = Path(val_dir).expanduser() if val_dir is not None else None
         self.test_dir = Path(test_dir).expanduser() if test_dir is not None else None
         if preprocess not in ("adm", "resize_crop"):
             raise GenmodelsError(f"data.init_args.preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
         if interpolation not in INTERPOLATIONS:
-            raise GenmodelsError(f"data.init_args.interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+            raise GenmodelsError(f"data.init_args.interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                                 f"got {interpolation!r}")
         if resize_ratio < 1:
-            raise GenmodelsError(f"data.init_args.resize_ratio must be >= 1 (the short side is resized to ratio * image_size), "
-                             f"got {resize_ratio}")
+            raise GenmodelsError(f"data.init_args.resize_ratio must be >= 1 (the short side is resized to ratio * "
+                                 "image_size), "
+                                 f"got {resize_ratio}")
         self.val_size, self.split_seed, self.random_flip = val_size, split_seed, random_flip
         self.preprocess, self.resize_ratio, self.interpolation = preprocess, resize_ratio, interpolation
         self.random_crop = random_crop
@@ -215,8 +219,9 @@ class ImageFolderDataModule(ImageDataModule):
         if self._classes is None:
             classes = find_classes(self.train_dir)
             if self._expected_classes is not None and len(classes) != self._expected_classes:
-                raise GenmodelsError(f"data.init_args.num_classes: image folder {self.train_dir} has {len(classes)} class folders, "
-                                 f"but num_classes={self._expected_classes}")
+                raise GenmodelsError(f"data.init_args.num_classes: image folder {self.train_dir} has {len(classes)} "
+                                     "class folders, "
+                                     f"but num_classes={self._expected_classes}")
             self._classes = classes
         return self._classes
 
@@ -249,7 +254,7 @@ class ImageFolderDataModule(ImageDataModule):
                 n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(self.val_size * len(train)))
                 if n_val >= len(train):
                     raise GenmodelsError(f"data.init_args.val_size={self.val_size} leaves no training images in {self.train_dir} "
-                                     f"({len(train)} images)")
+                                         f"({len(train)} images)")
                 perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
                 held_out = set(perm[:n_val])
                 val = [s for i, s in enumerate(train) if i in held_out]

@@ -184,7 +184,7 @@ class CachedLatentsDataModule(ImageDataModule):
         meta_path = self.root / META
         if not meta_path.is_file():
             raise GenmodelsError(f"CachedLatentsDataModule.path: no {META} in {self.root} (make the cache with "
-                                    "`python -m genmodels.data.latents --help`)")
+                                 "`python -m genmodels.data.latents --help`)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise GenmodelsError(f"{meta_path}: unknown cache format {self.meta.get('format')!r} (expected {FORMAT})")
@@ -208,7 +208,7 @@ class CachedLatentsDataModule(ImageDataModule):
     def _make_dataset(self, split: str, augment: bool) -> Dataset:
         if split not in self.meta["splits"]:
             raise GenmodelsError(f"split {split!r} was not cached in {self.root} (cached: {sorted(self.meta['splits'])}); "
-                             "re-run cache_latents with it")
+                                 "re-run cache_latents with it")
         ds = CachedLatentsDataset(self.root, self.meta, split, augment)
         ds.flip = ds.flip and self.flip
         return ds
@@ -226,8 +226,8 @@ class CachedLatentsDataModule(ImageDataModule):
         fp, want = tokenizer_fingerprint(tok), float(self.meta["fingerprint"])
         if not math.isclose(fp, want, rel_tol=1e-6, abs_tol=1e-6):
             raise GenmodelsError(f"the generator's tokenizer (weight fingerprint {fp:.6g}) is not the one the latents in "
-                             f"{self.root} were cached with ({want:.6g}): set model.init_args.tokenizer_ckpt to that "
-                             "tokenizer, or re-cache (check_tokenizer=false skips this check)")
+                                 f"{self.root} were cached with ({want:.6g}): set model.init_args.tokenizer_ckpt to that "
+                                 "tokenizer, or re-cache (check_tokenizer=false skips this check)")
 
 
 def _load_data_config(path: str) -> ImageDataModule:

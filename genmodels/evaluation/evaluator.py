@@ -338,8 +338,8 @@ class Evaluator(nn.Module):
             self.real.limit = n
         else:
             raise GenmodelsError(f"Evaluator: reference={spec!r} needs a data module with reference_dataset(split) "
-                             "(genmodels.data.ImageDataModule); without one only 'test' (the test batches) or an "
-                             "ADM .npz path can be used")
+                                 "(genmodels.data.ImageDataModule); without one only 'test' (the test batches) or an "
+                                 "ADM .npz path can be used")
 
     def _save_reference(self) -> None:
         if self._cache_path is not None and self._reference is not None and _dist()[0] == 0:

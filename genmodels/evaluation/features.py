@@ -160,4 +160,4 @@ def build_feature_extractor(spec: str | nn.Module, **kwargs: Any) -> FeatureExtr
             return cls(**kwargs)
         return ModuleFeatures(spec, **kwargs)
     raise GenmodelsError(f"unknown feature_extractor {spec!r}: use 'digits-classifier', 'inception' or a class path "
-                     "'package.module.Class' of an nn.Module")
+                         "'package.module.Class' of an nn.Module")

@@ -84,7 +84,7 @@ def read_adm_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, np.nd
     path = Path(path)
     if not path.is_file():
         raise GenmodelsError(f"reference npz not found: {path} (for ImageNet 256 download "
-                                "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations README)")
+                             "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations README)")
     try:
         z = np.load(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:

@@ -64,8 +64,8 @@ class Generator(ConfigMixin, nn.Module):
         never a data label. A ``GenmodelsError`` naming the range otherwise (one device sync)."""
         if labels.numel() and not bool(((labels >= 0) & (labels < self.num_classes)).all()):
             raise GenmodelsError(
-                f"training labels must lie in [0, {self.num_classes}) (generator num_classes={self.num_classes}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]; set the generator's num_classes to the data's class count")
+                                 f"training labels must lie in [0, {self.num_classes}) (generator num_classes={self.num_classes}), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]; set the generator's num_classes to the data's class count")
 
     def check_spec(self, spec: TokenSpec) -> None:
         """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
@@ -75,5 +75,5 @@ class Generator(ConfigMixin, nn.Module):
             a, b = getattr(mine, name), getattr(spec, name)
             if a != b:
                 raise GenmodelsError(
-                    f"generator {type(self).__name__} was built for tokens with {name}={a}, "
-                    f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")
+                                     f"generator {type(self).__name__} was built for tokens with {name}={a}, "
+                                     f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")

@@ -21,7 +21,7 @@ def load_tokenizer(path: str | Path, *, field: str = "tokenizer_ckpt") -> Tokeni
     path = Path(path)
     if not path.is_file():
         raise GenmodelsError(f"{field}: tokenizer checkpoint not found: {path} (train one with "
-                                "`genmodels fit --config configs/experiments/<...>_tokenizer.yaml` first)")
+                             "`genmodels fit --config configs/experiments/<...>_tokenizer.yaml` first)")
     try:
         ckpt = read_checkpoint(path)
     except GenmodelsError as e:
@@ -32,7 +32,7 @@ def load_tokenizer(path: str | Path, *, field: str = "tokenizer_ckpt") -> Tokeni
                              "--ckpt_path (to resume or evaluate it)")
     if not isinstance(ckpt, dict) or "genmodels" not in ckpt or "tokenizer" not in ckpt["genmodels"]:
         raise GenmodelsError(f"{field}: {path} is not a genmodels tokenizer checkpoint (no 'genmodels.tokenizer' "
-                         "entry; it must come from `genmodels fit` with a TokenizerModule)")
+                             "entry; it must come from `genmodels fit` with a TokenizerModule)")
     tokenizer = instantiate(ckpt["genmodels"]["tokenizer"])
     prefix = "tokenizer."
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

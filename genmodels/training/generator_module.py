@@ -53,7 +53,7 @@ class GeneratorModule(LightningModule):
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
         if (tokenizer_ckpt is None) == (tokenizer is None):
             raise GenmodelsError("GeneratorModule needs exactly one of tokenizer_ckpt (a trained tokenizer checkpoint) "
-                             "or tokenizer (a tokenizer config, e.g. pixels)")
+                                 "or tokenizer (a tokenizer config, e.g. pixels)")
         if tokenizer is None:
             tokenizer = load_tokenizer(tokenizer_ckpt, field="model.init_args.tokenizer_ckpt")
         self.tokenizer = tokenizer.requires_grad_(False).eval()

@@ -58,7 +58,7 @@ class TokenizerModule(LightningModule):
         if perceptual_weight > 0:
             if perceptual_weights is None:
                 raise GenmodelsError("perceptual_weight > 0 needs perceptual_weights: a local LPIPS/VGG16 weights file "
-                                 "(genmodels never downloads weights); set perceptual_weight: 0 to train without it")
+                                     "(genmodels never downloads weights); set perceptual_weight: 0 to train without it")
             self.perceptual = LPIPS(perceptual_weights)
         self.discriminator = PatchDiscriminator(3, disc_ndf, disc_layers) if disc_weight > 0 else None
         self.automatic_optimization = self.discriminator is None
