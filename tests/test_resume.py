@@ -118,7 +118,6 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, gen_config):
     _assert_same_run(run, full, from_step=4)
 
 
-@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, gen_config):
     make, full = gen_config
     run, marker = tmp_path / "run", tmp_path / "writing"
