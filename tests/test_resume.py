@@ -196,3 +196,29 @@ def test_check_finite_losses_names_the_term_and_agrees_across_ranks():
 
     with pytest.raises(NonFiniteLossError, match="non-finite on another process"):
         check_finite_losses({"loss": torch.tensor(1.0)}, 3, OtherRankDiverged())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumable_loader_skips_what_was_trained_on(num_workers):
+    """Restored to "epoch 3, 5 batches done", the loader hands out exactly the other batches of
+    epoch 3, then whole epochs (with worker processes too: torch iterates the index sampler
+    twice while creating a multi-process iterator, and reuses a persistent one)."""
+    from genmodels.data import DigitsDataModule
+
+    def loader():
+        return DigitsDataModule(image_size=8, batch_size=64, num_workers=num_workers).train_dataloader()
+
+    full = loader()
+    full.sampler.set_epoch(3)
+    labels = [y for _, y in full]
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 3, "batches": 5})
+    assert len(resumed) == len(labels) == 22  # Lightning counts the epoch's batches from the full length
+    rest = [y for _, y in resumed]
+    assert len(rest) == 17 and all(torch.equal(a, b) for a, b in zip(rest, labels[5:]))
+    assert resumed.state_dict() == {"epoch": 3, "batches": 22}
+    resumed.sampler.set_epoch(4)
+    fresh = loader()
+    fresh.sampler.set_epoch(4)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, fresh))
+    assert resumed.state_dict() == {"epoch": 4, "batches": 22}

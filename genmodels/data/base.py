@@ -110,7 +110,7 @@ class ResumableDataLoader(DataLoader):
     @property
     def _index_sampler(self):  # torch's DataLoader iterators draw the batches' indices from here
         index_sampler = super()._index_sampler
-        return _SkipOnce(index_sampler, self._skipping) if self._skipping else index_sampler
+        return _Skipping(index_sampler, self) if self._skipping else index_sampler
 
     def __iter__(self):
         sampler = getattr(self.batch_sampler, "sampler", None) or self.sampler
@@ -125,19 +125,19 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
-class _SkipOnce:
-    """An index sampler whose first iteration leaves out its first ``n`` items (batches of
-    indices); later iterations (a persistent-workers iterator is reused) are whole."""
+class _Skipping:
+    """An index sampler without its first ``loader._skipping`` items (batches of indices): torch
+    iterates it once or twice while creating the loader's iterator (the skip is set then), and
+    again at each later epoch of a reused persistent-workers iterator (the skip is 0 then)."""
 
-    def __init__(self, sampler, n: int) -> None:
-        self.sampler, self.n = sampler, n
+    def __init__(self, sampler, loader: ResumableDataLoader) -> None:
+        self.sampler, self.loader = sampler, loader
 
     def __iter__(self):
-        n, self.n = self.n, 0
-        return itertools.islice(iter(self.sampler), n, None)
+        return itertools.islice(iter(self.sampler), self.loader._skipping, None)
 
     def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.n)
+        return max(0, len(self.sampler) - self.loader._skipping)
 
 
 class UInt8ImageDataset(Dataset):
