@@ -12,6 +12,7 @@ from PIL import Image
 from genmodels.data import (CIFAR10DataModule, DigitsDataModule, EpochSeededSampler, ImageFolderDataModule,
                             balanced_labels, center_crop_arr)
 from genmodels.data.digits import digits_tensors
+from genmodels.errors import GenmodelsError
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -174,7 +175,7 @@ def test_image_folder_resize_crop_mode(folder):
     val = [dm.dataset("val")[3][0] for _ in range(3)]
     assert all(torch.equal(val[0], v) for v in val)
     assert dm.dataset_id != ImageFolderDataModule(**{**kw, "preprocess": "adm"}).dataset_id
-    with pytest.raises(ValueError, match="preprocess"):
+    with pytest.raises(GenmodelsError, match="preprocess"):
         ImageFolderDataModule(**{**kw, "preprocess": "var"})
 
 
@@ -191,7 +192,7 @@ def test_image_folder_shapes_labels_and_splits(folder):
     assert val_labels.tolist() == [0, 0, 0, 1, 1]  # a_dog (3 incl. .JPEG) then b_cat; .txt ignored
     assert dm.dataset_id.startswith("imagefolder-") and dm.dataset_id.split("-")[2] == "16"
     assert dm.dataset_id != ImageFolderDataModule(train_dir=str(folder / "val"), image_size=16).dataset_id
-    with pytest.raises(ValueError, match="num_classes=3"):
+    with pytest.raises(GenmodelsError, match="num_classes=3"):
         ImageFolderDataModule(train_dir=str(folder / "train"), num_classes=3).num_classes
 
 
@@ -231,9 +232,9 @@ def test_image_folder_corrupt_file(folder):
     dm = ImageFolderDataModule(train_dir=str(folder / "train"), val_dir=str(folder / "val"), image_size=8)
     ds = dm.dataset("train")
     i = [p for p, _ in ds.samples].index(str(bad))
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(GenmodelsError, match="broken.png"):
         ds[i]
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(GenmodelsError, match="broken.png"):
         list(dm.reference_dataset("train"))
     skip = ImageFolderDataModule(train_dir=str(folder / "train"), val_dir=str(folder / "val"), image_size=8,
                                  skip_corrupt=True).dataset("train")
@@ -246,22 +247,22 @@ def test_image_folder_corrupt_file(folder):
 
 
 def test_image_folder_layout_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(GenmodelsError, match="does not exist"):
         ImageFolderDataModule(train_dir=str(tmp_path / "nope")).setup("fit")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no class sub-folders") as e:
+    with pytest.raises(GenmodelsError, match="no class sub-folders") as e:
         ImageFolderDataModule(train_dir=str(tmp_path / "empty")).setup("fit")
     assert str(tmp_path / "empty") in str(e.value)
     _png(tmp_path / "flat" / "x.png", np.zeros((8, 8, 3)))  # images but no class folders
-    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+    with pytest.raises(GenmodelsError, match="no class sub-folders"):
         ImageFolderDataModule(train_dir=str(tmp_path / "flat")).setup("fit")
     _png(tmp_path / "partial" / "a" / "x.png", np.zeros((8, 8, 3)))
     (tmp_path / "partial" / "b").mkdir()
-    with pytest.raises(FileNotFoundError, match="without images") as e:
+    with pytest.raises(GenmodelsError, match="without images") as e:
         ImageFolderDataModule(train_dir=str(tmp_path / "partial")).setup("fit")
     assert str(tmp_path / "partial" / "b") in str(e.value)
     _png(tmp_path / "val" / "zzz" / "x.png", np.zeros((8, 8, 3)))
-    with pytest.raises(ValueError, match="zzz"):
+    with pytest.raises(GenmodelsError, match="zzz"):
         (tmp_path / "partial" / "b").rmdir()
         ImageFolderDataModule(train_dir=str(tmp_path / "partial"), val_dir=str(tmp_path / "val")).setup("fit")
 
@@ -321,9 +322,9 @@ def test_cifar10_val_split_and_resize(cifar_dir):
 
 def test_cifar10_missing_files(cifar_dir, tmp_path):
     (cifar_dir / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(FileNotFoundError, match="data_batch_3.*does not download"):
+    with pytest.raises(GenmodelsError, match="data_batch_3.*does not download"):
         CIFAR10DataModule(root=str(cifar_dir)).setup("fit")
-    with pytest.raises(FileNotFoundError, match="nowhere.*does not download"):
+    with pytest.raises(GenmodelsError, match="nowhere.*does not download"):
         CIFAR10DataModule(root=str(tmp_path / "nowhere")).setup("fit")
 
 

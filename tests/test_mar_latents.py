@@ -11,6 +11,7 @@ import torch
 
 from genmodels.data.latents import CachedLatentsDataModule, main as cache_main
 from genmodels.tokenizers.kl_vae import KLVAE, patchify
+from genmodels.errors import GenmodelsError
 
 VAE = dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=(),
            scale_factor=0.5)
@@ -85,11 +86,11 @@ def test_tokenizer_consistency_and_errors(cache, tmp_path):
     dm.setup("fit")  # the same tokenizer: fine
     other = KLVAE(**VAE)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=other))
-    with pytest.raises(ValueError, match="not the one the latents"):
+    with pytest.raises(GenmodelsError, match="not the one the latents"):
         dm.setup("fit")
-    with pytest.raises(ValueError, match="split 'test' was not cached"):
+    with pytest.raises(GenmodelsError, match="split 'test' was not cached"):
         dm.dataset("test")
-    with pytest.raises(FileNotFoundError, match="no meta.json"):
+    with pytest.raises(GenmodelsError, match="no meta.json"):
         CachedLatentsDataModule(str(tmp_path))
     with pytest.raises(NotImplementedError, match="hold no images"):
         dm.reference_dataset("val")

@@ -32,7 +32,8 @@ from typing import Any, Mapping
 import torch
 
 from genmodels.checkpoints import register
-from genmodels.checkpoints.common import CheckpointMismatchError, load_strict
+from genmodels.checkpoints.common import CheckpointMismatchError, check_kwargs, load_strict
+from genmodels.errors import GenmodelsError
 
 MAR_SIZES = {  # official constructors: (width, encoder/decoder depth, heads)
     "mar_base": (768, 12, 12),
@@ -113,8 +114,8 @@ def mar_kwargs(**official: Any) -> dict[str, Any]:
     model_name = official.pop("model", None)
     unknown = set(official) - _MAR_OFFICIAL_ARGS
     if unknown:
-        raise TypeError(f"from_official('mar'): unknown argument(s) {sorted(unknown)}; accepted: model, "
-                        f"{', '.join(sorted(_MAR_OFFICIAL_ARGS))}")
+        raise GenmodelsError(f"from_official('mar'): unknown argument(s) {sorted(unknown)}; accepted: model, "
+                              f"{', '.join(sorted(_MAR_OFFICIAL_ARGS))}")
     norm_eps = norm_eps_of(official.pop("norm_layer", None))
     kw = {**_MAR_OFFICIAL_DEFAULTS, **official}
     if model_name is not None:
@@ -175,6 +176,7 @@ def kl_from_official(state_dict: Any, use_ema: bool = False, embed_dim: int = 16
     KLVAE's other arguments (``scale_factor``, ``patch_size``, ...) may be passed too."""
     from genmodels.tokenizers.kl_vae import KLVAE
 
+    check_kwargs("mar-kl", ours, KLVAE.__init__)
     sd, _ = _unwrap(state_dict, use_ema, "KL-VAE")
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # LDM training files carry the loss nets
     vae = KLVAE.kl16(embed_dim=embed_dim, ch_mult=tuple(ch_mult), use_variational=use_variational, **ours)

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from genmodels.checkpoints import register
-from genmodels.checkpoints.common import CheckpointMismatchError, load_strict
+from genmodels.checkpoints.common import CheckpointMismatchError, check_kwargs, load_strict
 
 _RENAMES = [
     (r"^embeddings\.LayerNorm\.", "embed_norm."),
@@ -106,6 +106,7 @@ def load_maskgit_titok(state_dict: Mapping[str, Any], num_heads: int = 16, token
     """
     from genmodels.generators.maskgit import MaskGIT
 
+    check_kwargs("maskgit-titok", overrides, MaskGIT.__init__)
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
     sd = convert_imagebert_state_dict(state_dict)

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 import torch
 
 from genmodels.checkpoints import register
-from genmodels.checkpoints.common import CheckpointMismatchError, load_strict
+from genmodels.checkpoints.common import CheckpointMismatchError, check_kwargs, load_strict
+from genmodels.errors import GenmodelsError
 
 VAR_RECOMPUTED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 _RENAMES = ((".attn.mat_qkv.weight", ".attn.qkv.weight"), (".attn.scale_mul_1H11", ".attn.scale_mul"))
@@ -75,8 +76,8 @@ def describe_var_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
 def _var_kwargs(kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     unknown = set(kw) - _VAR_ARGS - _IGNORED_BUILD_ARGS
     if unknown:
-        raise TypeError(f"from_official('var'): unknown argument(s) {sorted(unknown)}; accepted: "
-                        f"{sorted(_VAR_ARGS | _IGNORED_BUILD_ARGS)}")
+        raise GenmodelsError(f"from_official('var'): unknown argument(s) {sorted(unknown)}; accepted: "
+                             f"{sorted(_VAR_ARGS | _IGNORED_BUILD_ARGS)}")
     vae = kw.pop("vae_local", None)
     for k in _IGNORED_BUILD_ARGS:
         kw.pop(k, None)
@@ -150,6 +151,7 @@ def vqvae_from_official(state_dict: Any, **kwargs: Any):
     """
     from genmodels.tokenizers.multiscale_vq import VQVAE
 
+    check_kwargs("var-vqvae", kwargs, VQVAE.__init__)
     sd = _unwrap(state_dict, "vae")
     args = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
                 v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode=True)

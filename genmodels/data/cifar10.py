@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from genmodels.data.base import ImageDataModule, UInt8ImageDataset
+from genmodels.errors import GenmodelsError
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
@@ -29,9 +30,24 @@ def find_cifar_folder(root: str | Path) -> Path:
         if (folder / TEST_FILES[0]).is_file():
             return folder
     if not root.is_dir():
-        raise FileNotFoundError(f"CIFAR-10 folder {root} does not exist; {NOT_DOWNLOADED}")
-    raise FileNotFoundError(f"no CIFAR-10 batches (test_batch) in {root} nor in {root / 'cifar-10-batches-py'}; "
-                            f"{NOT_DOWNLOADED}")
+        raise GenmodelsError(f"CIFAR-10 folder {root} does not exist; {NOT_DOWNLOADED}")
+    raise GenmodelsError(f"no CIFAR-10 batches (test_batch) in {root} nor in {root / 'cifar-10-batches-py'}; "
+                         f"{NOT_DOWNLOADED}")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch (dicts, bytes, lists, numpy arrays) and nothing else: a file
+    that pickles any other callable is refused instead of run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"pickles {module}.{name}, which a CIFAR-10 batch never holds "
+                                         "(refused: unpickling it could run code)")
+        return super().find_class(module, name)
 
 
 def read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,20 +56,20 @@ def read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, to
     for name in names:
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"CIFAR-10 file {path} is missing; {NOT_DOWNLOADED}")
+            raise GenmodelsError(f"CIFAR-10 file {path} is missing; {NOT_DOWNLOADED}")
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _BatchUnpickler(f, encoding="bytes").load()
             data, target = batch[b"data"], batch[b"labels"]
         except Exception as e:
-            raise ValueError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {e}") from e
+            raise GenmodelsError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {e}") from None
         data = torch.as_tensor(data)
         if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(target) != len(data):
-            raise ValueError(f"CIFAR-10 batch {path}: expected b'data' uint8 (N, 3072) and N labels, got "
-                             f"{data.dtype} {tuple(data.shape)} and {len(target)} labels")
+            raise GenmodelsError(f"CIFAR-10 batch {path}: expected b'data' uint8 (N, 3072) and N labels, got "
+                                 f"{data.dtype} {tuple(data.shape)} and {len(target)} labels")
         target = torch.as_tensor(target, dtype=torch.int64)
         if len(target) and (target.min() < 0 or target.max() > 9):
-            raise ValueError(f"CIFAR-10 batch {path}: labels outside 0..9")
+            raise GenmodelsError(f"CIFAR-10 batch {path}: labels outside 0..9")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(target)
     return torch.cat(images), torch.cat(labels)
@@ -104,7 +120,8 @@ class CIFAR10DataModule(ImageDataModule):
             if self.image_size != 32:
                 train_x, test_x = (_resize(x, self.image_size) for x in (train_x, test_x))
             if not 0 <= self.val_size < len(train_x):
-                raise ValueError(f"val_size={self.val_size} must be in [0, {len(train_x)}) (training images in {folder})")
+                raise GenmodelsError(f"data.init_args.val_size={self.val_size} must be in [0, {len(train_x)}) "
+                                     f"(training images in {folder})")
             perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.split_seed))
             val_idx, train_idx = perm[:self.val_size].sort().values, perm[self.val_size:].sort().values
             self._tensors = {"train": (train_x[train_idx], train_y[train_idx]),

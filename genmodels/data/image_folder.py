@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -34,7 +35,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from genmodels.data.base import ImageDataModule
+from genmodels.data.base import ImageDataModule, augment_key
+from genmodels.errors import GenmodelsError
+
+
+class UnreadableImageError(GenmodelsError):
+    """An image file that PIL cannot decode (see ``skip_corrupt``)."""
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # matched case-insensitively
 
@@ -54,7 +60,7 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear"
 
 
 def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125, interpolation: str = "lanczos",
-                random_crop: bool = False) -> np.ndarray:
+                random_crop: bool = False, generator: torch.Generator | None = None) -> np.ndarray:
     """torchvision ``Resize(round(resize_ratio * image_size))`` (short side; long side truncated
     as torchvision does) + ``RandomCrop`` / ``CenterCrop(image_size)``: PIL -> uint8 (S, S, C)."""
     short = round(resize_ratio * image_size)
@@ -64,34 +70,36 @@ def resize_crop(image: Image.Image, image_size: int, resize_ratio: float = 1.125
         image = image.resize((new_w, new_h), resample=INTERPOLATIONS[interpolation])
     arr = np.asarray(image)
     if random_crop:
-        top = int(torch.randint(0, new_h - image_size + 1, ()))
-        left = int(torch.randint(0, new_w - image_size + 1, ()))
+        top = int(torch.randint(0, new_h - image_size + 1, (), generator=generator))
+        left = int(torch.randint(0, new_w - image_size + 1, (), generator=generator))
     else:
         top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
     return arr[top:top + image_size, left:left + image_size]
 
 
-def find_classes(root: Path) -> list[str]:
-    """Sorted class folder names under ``root``; clear errors for a missing / class-less folder."""
+def find_classes(root: Path, field: str = "data.init_args.train_dir") -> list[str]:
+    """Sorted class folder names under ``root``; a ``GenmodelsError`` naming ``field`` for a
+    missing / class-less folder."""
     if not root.exists():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise GenmodelsError(f"{field}: image folder {root} does not exist")
     if not root.is_dir():
-        raise NotADirectoryError(f"image folder {root} is not a directory")
+        raise GenmodelsError(f"{field}: image folder {root} is not a directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"image folder {root} has no class sub-folders; expected the layout "
-                                f"{root}/<class name>/<images>")
+        raise GenmodelsError(f"{field}: image folder {root} is empty (no class sub-folders); expected the layout "
+                             f"{root}/<class name>/<images>")
     return classes
 
 
-def scan_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
+def scan_images(root: Path, classes: list[str], field: str = "data.init_args.train_dir") -> list[tuple[str, int]]:
     """(path, class index) for every image file of the class folders of ``root`` that are in
     ``classes``, sorted by class then file name (deterministic on any file system)."""
-    found = find_classes(root)
+    found = find_classes(root, field)
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"image folder {root} has class folders that the training folder lacks: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise GenmodelsError(f"{field}: image folder {root} has class folders that the training folder lacks: "
+                             f"{unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
     index = {name: i for i, name in enumerate(classes)}
     samples, empty = [], []
     for name in found:
@@ -101,8 +109,8 @@ def scan_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
             empty.append(str(root / name))
         samples += [(str(root / name / f), index[name]) for f in files]
     if empty:
-        raise FileNotFoundError(f"class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {empty[:5]}"
-                                f"{' ...' if len(empty) > 5 else ''}")
+        raise GenmodelsError(f"{field}: class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {empty[:5]}"
+                             f"{' ...' if len(empty) > 5 else ''}")
     return samples
 
 
@@ -112,35 +120,42 @@ class ImageFolderDataset(Dataset):
     ``crop``: a function PIL RGB image -> uint8 (S, S, 3) array (default: ADM's centre crop).
     """
 
+    accepts_augment_seeds = True  # keys may be (index, seed): see genmodels.data.base.augment_key
+
     def __init__(self, samples: list[tuple[str, int]], image_size: int, flip: bool = False,
                  skip_corrupt: bool = False, crop: Callable[[Image.Image], np.ndarray] | None = None) -> None:
         self.samples, self.image_size, self.flip, self.skip_corrupt = samples, image_size, flip, skip_corrupt
         self.crop = crop or functools.partial(center_crop_arr, image_size=image_size)
+        self._crop_draws = "generator" in inspect.signature(self.crop).parameters  # a random crop
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, path: str) -> torch.Tensor:
+    def load(self, path: str, generator: torch.Generator | None = None) -> torch.Tensor:
         try:
             with Image.open(path) as img:
-                arr = self.crop(img.convert("RGB"))
+                arr = self.crop(img.convert("RGB"), **({"generator": generator} if self._crop_draws else {}))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
-            raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise UnreadableImageError(
+                f"cannot read image {path} ({type(e).__name__}: {why}); fix or delete it, or set "
+                "data.init_args.skip_corrupt: true to skip unreadable images") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, g = augment_key(key)
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                x = self.load(path)
+                x = self.load(path, g)
                 break
-            except OSError as e:
+            except UnreadableImageError as e:
                 if not self.skip_corrupt:
                     raise
                 warnings.warn(f"skipping unreadable image (skip_corrupt=True): {e}", stacklevel=2)
         else:
-            raise OSError(f"no readable image among the {len(self.samples)} files of this split")
-        if self.flip and torch.rand(()) < 0.5:
+            raise GenmodelsError(f"no readable image among the {len(self.samples)} files of this split")
+        if self.flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x, torch.tensor(label, dtype=torch.int64)
 
@@ -178,17 +193,20 @@ class ImageFolderDataModule(ImageDataModule):
         self.save_hyperparameters()
         if val_dir is None and not (isinstance(val_size, int) and val_size >= 1 or
                                     isinstance(val_size, float) and 0 < val_size < 1):
-            raise ValueError(f"val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, got {val_size!r}")
+            raise GenmodelsError(f"data.init_args.val_size must be an int >= 1 or a float in (0, 1) when val_dir is None, "
+                                 f"got {val_size!r}")
         self.train_dir = Path(train_dir).expanduser()
         self.val_dir = Path(val_dir).expanduser() if val_dir is not None else None
         self.test_dir = Path(test_dir).expanduser() if test_dir is not None else None
         if preprocess not in ("adm", "resize_crop"):
-            raise ValueError(f"preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
+            raise GenmodelsError(f"data.init_args.preprocess must be 'adm' or 'resize_crop', got {preprocess!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+            raise GenmodelsError(f"data.init_args.interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                                 f"got {interpolation!r}")
         if resize_ratio < 1:
-            raise ValueError(f"resize_ratio must be >= 1 (the short side is resized to ratio * image_size), "
-                             f"got {resize_ratio}")
+            raise GenmodelsError(f"data.init_args.resize_ratio must be >= 1 (the short side is resized to ratio * "
+                                 "image_size), "
+                                 f"got {resize_ratio}")
         self.val_size, self.split_seed, self.random_flip = val_size, split_seed, random_flip
         self.preprocess, self.resize_ratio, self.interpolation = preprocess, resize_ratio, interpolation
         self.random_crop = random_crop
@@ -201,8 +219,9 @@ class ImageFolderDataModule(ImageDataModule):
         if self._classes is None:
             classes = find_classes(self.train_dir)
             if self._expected_classes is not None and len(classes) != self._expected_classes:
-                raise ValueError(f"image folder {self.train_dir} has {len(classes)} class folders, "
-                                 f"but num_classes={self._expected_classes}")
+                raise GenmodelsError(f"data.init_args.num_classes: image folder {self.train_dir} has {len(classes)} "
+                                     "class folders, "
+                                     f"but num_classes={self._expected_classes}")
             self._classes = classes
         return self._classes
 
@@ -230,17 +249,17 @@ class ImageFolderDataModule(ImageDataModule):
             classes = self.class_names
             train = scan_images(self.train_dir, classes)
             if self.val_dir is not None:
-                val = scan_images(self.val_dir, classes)
+                val = scan_images(self.val_dir, classes, "data.init_args.val_dir")
             else:
                 n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(self.val_size * len(train)))
                 if n_val >= len(train):
-                    raise ValueError(f"val_size={self.val_size} leaves no training images in {self.train_dir} "
-                                     f"({len(train)} images)")
+                    raise GenmodelsError(f"data.init_args.val_size={self.val_size} leaves no training images in {self.train_dir} "
+                                         f"({len(train)} images)")
                 perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
                 held_out = set(perm[:n_val])
                 val = [s for i, s in enumerate(train) if i in held_out]
                 train = [s for i, s in enumerate(train) if i not in held_out]
-            test = scan_images(self.test_dir, classes) if self.test_dir is not None else val
+            test = scan_images(self.test_dir, classes, "data.init_args.test_dir") if self.test_dir is not None else val
             self._samples = {"train": train, "val": val, "test": test}
         return self._samples
 

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from genmodels.data.base import ImageDataModule, SPLITS
+from genmodels.data.base import SPLITS, ImageDataModule, augment_key
+from genmodels.errors import GenmodelsError
 from genmodels.tokenizers.kl_vae import patchify
 from genmodels.utils.progress import progress as progress_bar
 
@@ -145,19 +146,22 @@ class CachedLatentsDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    accepts_augment_seeds = True  # keys may be (index, seed): see genmodels.data.base.augment_key
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, g = augment_key(key)
         if not 0 <= i < len(self):
             raise IndexError(i)
         k = next(j for j in range(len(self.files)) if i < self.offsets[j + 1])
         h, j = self._handle(self.files[k]), i - self.offsets[k]
-        key = "moments_flip" if self.flip and torch.rand(()) < 0.5 else "moments"
-        x = h.get_slice(key)[j:j + 1][0]
+        name = "moments_flip" if self.flip and torch.rand((), generator=g) < 0.5 else "moments"
+        x = h.get_slice(name)[j:j + 1][0]
         if self.kind == "tokens":
             return {"tokens": x, "labels": self.labels[i]}
         mean, logvar = x.float().chunk(2, dim=0)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         if self.augment:
-            noise = torch.randn(mean.shape)
+            noise = torch.randn(mean.shape, generator=g)
         else:
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(i))
         z = (mean + std * noise) * self.scale
@@ -182,18 +186,18 @@ class CachedLatentsDataModule(ImageDataModule):
         self.root = Path(path)
         meta_path = self.root / META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"CachedLatentsDataModule.path: no {META} in {self.root} (make the cache with "
-                                    "`python -m genmodels.data.latents --help`)")
+            raise GenmodelsError(f"CachedLatentsDataModule.path: no {META} in {self.root} (make the cache with "
+                                 "`python -m genmodels.data.latents --help`)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown cache format {self.meta.get('format')!r} (expected {FORMAT})")
+            raise GenmodelsError(f"{meta_path}: unknown cache format {self.meta.get('format')!r} (expected {FORMAT})")
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed,
                          image_size=int(self.meta["image_size"]), eval_batch_size=eval_batch_size,
                          predict_num_samples=predict_num_samples, drop_last=drop_last, pin_memory=pin_memory)
         self.save_hyperparameters()
         self.flip = self.meta["flip"] if flip is None else flip
         if self.flip and not self.meta["flip"]:
-            raise ValueError(f"CachedLatentsDataModule.flip=True but {self.root} was cached without flips")
+            raise GenmodelsError(f"CachedLatentsDataModule.flip=True but {self.root} was cached without flips")
         self.check_tokenizer = check_tokenizer
 
     @property
@@ -206,8 +210,8 @@ class CachedLatentsDataModule(ImageDataModule):
 
     def _make_dataset(self, split: str, augment: bool) -> Dataset:
         if split not in self.meta["splits"]:
-            raise ValueError(f"split {split!r} was not cached in {self.root} (cached: {sorted(self.meta['splits'])}); "
-                             "re-run cache_latents with it")
+            raise GenmodelsError(f"split {split!r} was not cached in {self.root} (cached: {sorted(self.meta['splits'])}); "
+                                 "re-run cache_latents with it")
         ds = CachedLatentsDataset(self.root, self.meta, split, augment)
         ds.flip = ds.flip and self.flip
         return ds
@@ -224,9 +228,9 @@ class CachedLatentsDataModule(ImageDataModule):
             return
         fp, want = tokenizer_fingerprint(tok), float(self.meta["fingerprint"])
         if not math.isclose(fp, want, rel_tol=1e-6, abs_tol=1e-6):
-            raise ValueError(f"the generator's tokenizer (weight fingerprint {fp:.6g}) is not the one the latents in "
-                             f"{self.root} were cached with ({want:.6g}): set model.init_args.tokenizer_ckpt to that "
-                             "tokenizer, or re-cache (check_tokenizer=false skips this check)")
+            raise GenmodelsError(f"the generator's tokenizer (weight fingerprint {fp:.6g}) is not the one the latents in "
+                                 f"{self.root} were cached with ({want:.6g}): set model.init_args.tokenizer_ckpt to that "
+                                 "tokenizer, or re-cache (check_tokenizer=false skips this check)")
 
 
 def _load_data_config(path: str) -> ImageDataModule:

@@ -60,7 +60,7 @@ def append_results_row(row: dict[str, Any], path: str | Path) -> Path:
     """Append ``row`` to ``path`` (``.jsonl``) and rewrite ``path.with_suffix('.csv')``."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        raise ValueError(f"results_file must end in .jsonl, got {path}")
+        raise GenmodelsError(f"results_file must end in .jsonl, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row, default=str) + "\n")

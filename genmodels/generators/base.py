@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genmodels.errors import GenmodelsError
 from genmodels.tokenizers.base import TokenSpec
 from genmodels.utils.config import ConfigMixin
 
@@ -61,6 +62,15 @@ class Generator(ConfigMixin, nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}) (vocab_size), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
+    def check_training_labels(self, labels: torch.Tensor) -> None:
+        """Data labels must lie in ``[0, num_classes)``: the null class ``num_classes`` is an
+        internal label of classifier-free guidance (class dropout, unconditional sampling),
+        never a data label. A ``GenmodelsError`` naming the range otherwise (one device sync)."""
+        if labels.numel() and not bool(((labels >= 0) & (labels < self.num_classes)).all()):
+            raise GenmodelsError(
+                                 f"training labels must lie in [0, {self.num_classes}) (generator num_classes={self.num_classes}), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]; set the generator's num_classes to the data's class count")
+
     def check_spec(self, spec: TokenSpec) -> None:
         """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
         is not what this generator was built for."""
@@ -75,6 +85,6 @@ class Generator(ConfigMixin, nn.Module):
         for name in ("kind", "vocab_size", "channels", "shapes"):
             a, b = getattr(mine, name), getattr(spec, name)
             if a != b:
-                raise ValueError(
-                    f"generator {type(self).__name__} was built for tokens with {name}={a}, "
-                    f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")
+                raise GenmodelsError(
+                                     f"generator {type(self).__name__} was built for tokens with {name}={a}, "
+                                     f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")

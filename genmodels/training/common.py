@@ -1,11 +1,18 @@
-"""Pieces shared by the LightningModules: optimiser groups, LR schedule, step seeding."""
+"""Pieces shared by the LightningModules: optimiser groups, LR schedule, step seeding, and run
+safety (non-finite losses, checkpoints that do not fit, atomic checkpoint writes)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
+
+from genmodels.errors import GenmodelsError
+from genmodels.utils.config import flatten_config
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay_names: Iterable[str] = ()) -> list[dict]:
@@ -32,7 +39,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
     ``warmup_steps``, then ``constant`` (MAR), ``cosine`` or ``linear`` decay to
     ``min_lr_ratio`` at ``total_steps``."""
     if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+        raise GenmodelsError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
 
     def fn(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -55,3 +62,151 @@ def seed_step(seed: int, step: int, rank: int = 0, world_size: int = 1) -> None:
     loss curve as an uninterrupted one, and DDP ranks draw different masks.
     """
     torch.manual_seed((seed * 1_000_003 + step * world_size + rank) % (2 ** 63 - 1))
+
+
+# ---------------------------------------------------------------------- run safety
+class NonFiniteLossError(GenmodelsError):
+    """A loss term became NaN / inf: training stops (the last checkpoint written before is kept)."""
+
+
+def check_finite_losses(losses: Mapping[str, Any], step: int, strategy: Any = None) -> None:
+    """Raise ``NonFiniteLossError`` naming ``step`` and the first non-finite scalar term of ``losses``.
+
+    One device sync per call (``torch.isfinite`` over all scalar terms at once); with a
+    multi-process ``strategy`` the decision is shared (one boolean all-reduce), so every rank
+    stops together instead of the others waiting forever in the gradient all-reduce. Raising
+    inside ``training_step`` stops the run before the optimiser applies the step, so the
+    checkpoints written before stay the last good ones (Lightning saves none on an exception).
+    """
+    terms = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel() == 1}
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) if terms else torch.zeros(1)
+    finite = torch.isfinite(values)
+    ok = bool(finite.all())
+    if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+        ok = bool(strategy.reduce_boolean_decision(ok, all=True))
+    if ok:
+        return
+    bad = [(k, float(x)) for (k, x), good in zip(zip(terms, values.tolist()), finite.tolist()) if not good]
+    what = (f"loss term {bad[0][0]!r} is {bad[0][1]}" + (f" (also non-finite: {', '.join(k for k, _ in bad[1:])})"
+                                                         if len(bad) > 1 else "")) if bad else \
+        "a loss term is non-finite on another process"
+    raise NonFiniteLossError(
+        f"training stopped at step {step}: {what}"
+        + "; the last checkpoint written before this step is kept (resume with --ckpt_path .../last.ckpt after "
+          "lowering model.init_args.lr or adding trainer.gradient_clip_val)")
+
+
+def _ckpt_name(module: Any) -> str:
+    trainer = getattr(module, "_trainer", None)
+    path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    return f"--ckpt_path {path}" if path else "the checkpoint"
+
+
+def check_checkpoint_fits(module: Any, checkpoint: Mapping[str, Any], trains: str) -> None:
+    """``on_load_checkpoint``: refuse, in one line, a checkpoint of the other kind (a tokenizer
+    checkpoint given to a GeneratorModule or the reverse) or of another architecture, naming
+    the config fields that differ and the first mismatching key with both shapes.
+
+    ``trains``: ``"generator"`` (GeneratorModule) or ``"tokenizer"`` (TokenizerModule).
+    """
+    name = _ckpt_name(module)
+    info = checkpoint.get("genmodels") or {}
+    kind = "generator" if "generator" in info else "tokenizer" if "tokenizer" in info else None
+    if trains == "generator" and kind == "tokenizer":
+        raise GenmodelsError(f"{name} is a tokenizer checkpoint (from a TokenizerModule fit): give it to the "
+                             "GeneratorModule as model.init_args.tokenizer_ckpt; --ckpt_path takes a generator "
+                             "checkpoint")
+    if trains == "tokenizer" and kind == "generator":
+        raise GenmodelsError(f"{name} is a generator checkpoint (from a GeneratorModule fit): use it with a "
+                             "GeneratorModule config (model.class_path: genmodels.training.GeneratorModule); a "
+                             "TokenizerModule's --ckpt_path takes a tokenizer checkpoint")
+    sd = checkpoint.get("state_dict") or {}
+    own = module.state_dict()
+    first = None
+    for k, v in own.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            first = f"key {k!r} has shape {tuple(sd[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
+            break
+    if first is None:
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if missing:
+            first = (f"key {missing[0]!r} (shape {tuple(own[missing[0]].shape)} in the model) is not in the "
+                     f"checkpoint ({len(missing)} missing)")
+        elif unexpected:
+            first = (f"the checkpoint's key {unexpected[0]!r} (shape {tuple(sd[unexpected[0]].shape)}) is not in "
+                     f"the model ({len(unexpected)} unexpected)")
+    if first is None:
+        return
+    fields = []
+    for part in ("generator", "tokenizer"):
+        mine, theirs = getattr(module, part, None), info.get(part)
+        if theirs is None or not hasattr(mine, "config"):
+            continue
+        a, b = flatten_config(theirs), flatten_config(mine.config)
+        from_file = part == "tokenizer" and (getattr(module, "hparams", None) or {}).get("tokenizer_ckpt")
+        where = "the tokenizer of model.init_args.tokenizer_ckpt: " if from_file else f"model.init_args.{part}."
+        fields += [f"{where}{k}={a.get(k)!r} in the checkpoint but {b.get(k)!r} in the config"
+                   for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    differ = fields[0] + (f" (and {len(fields) - 1} more field(s))" if len(fields) > 1 else "") if fields else ""
+    raise GenmodelsError(f"{name} does not fit the model: " + (differ + "; " if differ else "") + first)
+
+
+def check_image_size(datamodule: Any, tokenizer: Any) -> None:
+    """The data's ``image_size`` must be the size the tokenizer's token grid was built for
+    (its stride x its finest token grid); a ``GenmodelsError`` naming both otherwise."""
+    want = getattr(getattr(tokenizer, "spec", None), "image_size", None)
+    got = getattr(datamodule, "image_size", None)
+    if not want or not got or int(want) == int(got):
+        return
+    stride = getattr(tokenizer, "downsample", None)
+    why = f" (stride {stride} x a {'x'.join(map(str, tokenizer.spec.grid))} token grid)" if stride else ""
+    divides = f"; the stride {stride} does not divide {got}" if stride and got % stride else ""
+    raise GenmodelsError(f"data.init_args.image_size={got}, but the tokenizer {type(tokenizer).__name__} encodes "
+                         f"{want}x{want} images{why}{divides}; set data.init_args.image_size: {want}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic on a local file system: the checkpoint
+    goes to a temporary file in the target's own folder, is flushed to disk (fsync) and
+    renamed over the target (``os.replace``). A run killed while writing leaves the previous
+    checkpoint intact (and a stray ``.<name>.tmp-<pid>`` file). Lightning's own save buffers
+    the whole file in memory and moves a temp file from the system temp folder, a copy (not
+    atomic) when that folder is on another file system, as on most clusters. Remote paths
+    (``s3://``...) fall back to Lightning's save."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                self._write(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def _write(self, checkpoint: dict[str, Any], f: Any) -> None:
+        torch.save(checkpoint, f)
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Swap the strategy's default ``TorchCheckpointIO`` for ``AtomicCheckpointIO`` (a custom
+    or distributed checkpoint IO is left alone)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def on_setup(module: Any, tokenizer: Any) -> None:
+    """What both LightningModules do in ``setup``: atomic checkpoint writes, image size check."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return
+    use_atomic_checkpoint_io(trainer)
+    check_image_size(getattr(trainer, "datamodule", None), tokenizer)

@@ -29,7 +29,8 @@ from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.training.common import (check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
+                                       param_groups, seed_step)
 from genmodels.pipeline import DEFAULT_BLOCK_SIZE, Pipeline
 from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import quantize_uint8, save_grid, save_pngs, to_uint8, write_adm_npz
@@ -69,8 +70,8 @@ class GeneratorModule(LightningModule):
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
         if (tokenizer_ckpt is None) == (tokenizer is None):
-            raise ValueError("GeneratorModule needs exactly one of tokenizer_ckpt (a trained tokenizer checkpoint) "
-                             "or tokenizer (a tokenizer config, e.g. pixels)")
+            raise GenmodelsError("GeneratorModule needs exactly one of tokenizer_ckpt (a trained tokenizer checkpoint) "
+                                 "or tokenizer (a tokenizer config, e.g. pixels)")
         if tokenizer is None:
             tokenizer = load_tokenizer(tokenizer_ckpt, field="model.init_args.tokenizer_ckpt")
         self.tokenizer = tokenizer.requires_grad_(False).eval()
@@ -102,6 +103,7 @@ class GeneratorModule(LightningModule):
         else:
             images, labels = batch[0], batch[1]
             tokens = self.tokenizer.encode(images)
+        self.generator.check_training_labels(labels)  # the null class is never a data label
         return tokens, labels.long()
 
     @property
@@ -125,6 +127,9 @@ class GeneratorModule(LightningModule):
         fn.block_size = self.hparams.sample_block_size  # type: ignore[attr-defined]
         return fn
 
+    def setup(self, stage: str) -> None:
+        on_setup(self, self.tokenizer)  # atomic checkpoint writes; data image_size vs the tokenizer's
+
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.hparams.seed, self.trainer.fit_loop.total_batch_idx, self.global_rank, self.trainer.world_size)
@@ -139,6 +144,7 @@ class GeneratorModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
         out = self.generator.forward_loss(tokens, labels)
+        check_finite_losses(out, self.global_step, self.trainer.strategy)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()
                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
         self.log("train/loss", out["loss"].detach(), prog_bar=True)
@@ -291,13 +297,14 @@ class GeneratorModule(LightningModule):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("tokenizer.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the stored tokenizer weights back into the state dicts Lightning loads."""
+        """Put the stored tokenizer weights back into the state dicts Lightning loads (an older
+        checkpoint keeps them inside ``state_dict``), then check the file fits this model: one
+        line naming the config field and the first mismatching key if it does not."""
         tok = (checkpoint.get("genmodels") or {}).get("tokenizer_state_dict")
-        if tok is None:
-            return  # an older checkpoint: the tokenizer is inside state_dict
         for key in ("state_dict", "current_model_state"):
-            if isinstance(checkpoint.get(key), dict):
+            if tok is not None and isinstance(checkpoint.get(key), dict):
                 checkpoint[key].update({f"tokenizer.{k}": v for k, v in tok.items()})
+        check_checkpoint_fits(self, checkpoint, "generator")
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -15,12 +15,14 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from genmodels.errors import GenmodelsError
 from genmodels.evaluation import Evaluator
 from genmodels.evaluation.results import model_metadata
 from genmodels.losses.gan import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import lr_lambda, param_groups, seed_step
+from genmodels.training.common import (check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
+                                       param_groups, seed_step)
 from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import save_grid
 from genmodels.utils.paths import run_dir
@@ -57,8 +59,8 @@ class TokenizerModule(LightningModule):
         self.perceptual = None
         if perceptual_weight > 0:
             if perceptual_weights is None:
-                raise ValueError("perceptual_weight > 0 needs perceptual_weights: a local LPIPS/VGG16 weights file "
-                                 "(genmodels never downloads weights); set perceptual_weight: 0 to train without it")
+                raise GenmodelsError("perceptual_weight > 0 needs perceptual_weights: a local LPIPS/VGG16 weights file "
+                                     "(genmodels never downloads weights); set perceptual_weight: 0 to train without it")
             self.perceptual = LPIPS(perceptual_weights)
         self.discriminator = PatchDiscriminator(3, disc_ndf, disc_layers) if disc_weight > 0 else None
         self.automatic_optimization = self.discriminator is None
@@ -87,6 +89,12 @@ class TokenizerModule(LightningModule):
                    if k not in ("recon", "loss") and torch.is_tensor(v) and v.numel() == 1}
         self.log_dict(scalars, **kw)
 
+    def setup(self, stage: str) -> None:
+        on_setup(self, self.tokenizer)  # atomic checkpoint writes; data image_size vs the tokenizer's
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, "tokenizer")  # one line naming the field / key if it does not fit
+
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.hparams.seed, self._batch_index(), self.global_rank, self.trainer.world_size)
@@ -94,6 +102,7 @@ class TokenizerModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images = batch[0]
         out = self._losses(images)
+        check_finite_losses(out, self._batch_index(), self.trainer.strategy)
         if self.automatic_optimization:
             self._log("train", out)
             self.log("train/loss", out["loss"].detach(), prog_bar=True)
@@ -111,6 +120,7 @@ class TokenizerModule(LightningModule):
                 weight = weight * adaptive_weight(out["rec_loss"], g_loss, last)
             loss = loss + weight * g_loss
             out.update(g_loss=g_loss, disc_factor=torch.as_tensor(float(weight)))
+            check_finite_losses({"g_loss": g_loss, "loss": loss}, self._batch_index(), self.trainer.strategy)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.clip_gradients(opt_g, gradient_clip_val=self.trainer.gradient_clip_val)
@@ -118,6 +128,7 @@ class TokenizerModule(LightningModule):
         sch_g.step()
         if gan_on:
             d_loss = hinge_d_loss(self.discriminator(images.detach()), self.discriminator(out["recon"].detach()))
+            check_finite_losses({"d_loss": d_loss}, self._batch_index(), self.trainer.strategy)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.step()

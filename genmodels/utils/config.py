@@ -89,3 +89,25 @@ def instantiate(config: dict) -> Any:
     for k, v in (config.get("init_args") or {}).items():
         args[k] = instantiate(v) if isinstance(v, dict) and "class_path" in v else v
     return cls(**args)
+
+
+def plain(value: Any) -> Any:
+    """Namespaces -> dicts, tuples -> lists: a YAML list and a Python tuple are the same value."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts / Namespaces -> ``{"a.b.c": leaf}`` (lists and tuples as lists)."""
+    config = plain(config)
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

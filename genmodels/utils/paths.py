@@ -21,3 +21,20 @@ def run_dir(trainer: Any) -> Path:
         return Path(trainer.default_root_dir)
     # a stand-in object (tests, scripts): its own log_dir / default_root_dir
     return Path(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or ".")
+
+
+def check_writable(folder: str | Path, field: str) -> None:
+    """Create ``folder`` (and parents) and write a test file there; a ``GenmodelsError``
+    naming ``field`` and the folder if that fails (read-only disk, a file in the way, no
+    permission), before any work is done."""
+    import tempfile
+
+    from genmodels.errors import GenmodelsError
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".genmodels-write-test-"):
+            pass
+    except OSError as e:
+        raise GenmodelsError(f"{field}: cannot write to {folder} ({type(e).__name__}: {e.strerror or e})") from None
