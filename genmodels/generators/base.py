@@ -72,12 +72,11 @@ class Generator(ConfigMixin, nn.Module):
                                  f"[{int(labels.min())}, {int(labels.max())}]; set the generator's num_classes to the data's class count")
 
     def check_spec(self, spec: TokenSpec) -> None:
-        """Raise a ValueError naming the mismatching field if ``spec`` (the tokenizer's)
+        """Raise a ``GenmodelsError`` naming the mismatching field if ``spec`` (the tokenizer's)
         is not what this generator was built for."""
         mine = self.spec
         dims, theirs = {len(s) for s in mine.shapes}, {len(s) for s in spec.shapes}
         if dims != theirs and 1 in theirs:
-            from genmodels.errors import GenmodelsError
             raise GenmodelsError(
                 f"generator {type(self).__name__} is built for a {max(dims)}D token grid (shapes={mine.shapes}) but "
                 f"the tokenizer gives 1D tokens (shapes={spec.shapes}, e.g. TiTok): VAR needs 2D scales; MaskGIT, "
@@ -85,6 +84,5 @@ class Generator(ConfigMixin, nn.Module):
         for name in ("kind", "vocab_size", "channels", "shapes"):
             a, b = getattr(mine, name), getattr(spec, name)
             if a != b:
-                raise GenmodelsError(
-                                     f"generator {type(self).__name__} was built for tokens with {name}={a}, "
-                                     f"but the tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")
+                raise GenmodelsError(f"generator {type(self).__name__} was built for tokens with {name}={a}, but the "
+                                     f"tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")
