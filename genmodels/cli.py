@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from genmodels.checkpoints import common as checkpoint_common

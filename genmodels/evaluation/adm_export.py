@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from genmodels.errors import GenmodelsError
+from genmodels.utils.images import write_adm_npz  # the one ADM .npz writer (re-exported here)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -76,13 +77,3 @@ def nhwc_uint8_to_images(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def write_adm_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Samples as ADM expects them: ``arr_0`` uint8 (N, H, W, 3) (+ ``arr_1`` labels)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"write_adm_npz: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels)}
-    np.savez(path, **arrays)
-    return path

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from genmodels.errors import GenmodelsError
+from genmodels.utils.images import quantize_uint8
 from genmodels.utils.config import import_class
 
 FIDELITY_HINT = ("the 'inception' feature extractor needs torch-fidelity (and torchvision): "
@@ -43,8 +44,8 @@ FIDELITY_HINT = ("the 'inception' feature extractor needs torch-fidelity (and to
 
 def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float (B, 3, H, W) -> uint8 (B, 3, H, W), rounded like a saved PNG
-    (same as ``genmodels.utils.images.to_uint8`` without the NHWC permute)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    (``genmodels.utils.images.quantize_uint8``, the one 8-bit rule); uint8 passes through."""
+    return images if images.dtype == torch.uint8 else quantize_uint8(images)
 
 
 class Extracted(NamedTuple):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from genmodels.evaluation.features import Extracted, FeatureExtractor
+from genmodels.utils.images import quantize_uint8
 from genmodels.utils.progress import progress as progress_bar
 
 SampleBlock = Callable[[int, int], torch.Tensor]
@@ -221,7 +222,7 @@ def extract_images(images: Any, extractor: FeatureExtractor, num: int | None = N
         if transform is not None:
             x = transform(x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x).clamp(-1, 1)
         if x.dtype != torch.uint8:  # [-1, 1] -> uint8 as a PNG stores it
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            x = quantize_uint8(x)
         results[s] = extract(extractor, x)
         bar.update((e - s) * world)
     bar.close()
