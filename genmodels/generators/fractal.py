@@ -54,23 +54,12 @@ from genmodels.generators.base import Generator
 from genmodels.generators.mar import truncnorm_mask_ratio
 from genmodels.nn.attention import Block, KVCache
 from genmodels.nn.llama import LlamaBlock, rope_2d
+from genmodels.nn.vit import xavier_init_
 from genmodels.sampling import GUIDANCE_SCHEDULES, guidance_weight, guide
 from genmodels.tokenizers.base import TokenSpec
 from genmodels.tokenizers.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 GENERATOR_TYPES = ("ar", "mar")
-
-
-def _init_vit_(module: nn.Module) -> None:
-    """Official init of every AR / MAR / PixelLoss: xavier-uniform Linear (bias 0), LayerNorm 1 / 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -132,7 +121,7 @@ class PixelLoss(nn.Module):
         self.reset_constants()
         for cb in (self.r_codebook, self.g_codebook, self.b_codebook):
             nn.init.normal_(cb.weight, std=0.02)
-        _init_vit_(self)
+        xavier_init_(self)
 
     def reset_constants(self) -> None:
         """(Re)compute the non-persistent buffers (after ``to_empty``)."""
@@ -228,7 +217,7 @@ class ARLevel(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.register_buffer("rope", rope_2d(grid, self.head_dim, 10000.0, num_prefix=1), persistent=False)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
-        _init_vit_(self)
+        xavier_init_(self)
 
     def reset_constants(self) -> None:
         """(Re)compute the non-persistent RoPE table (after ``to_empty``)."""
@@ -300,7 +289,7 @@ class MARLevel(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
-        _init_vit_(self)
+        xavier_init_(self)
         if self.guiding_pixel:  # built after the init, as official (it has its own)
             self.guiding_pixel_loss = PixelLoss(cond_embed_dim, width=128, depth=3, num_heads=4, r_weight=5.0)
 

@@ -50,6 +50,7 @@ from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
 from genmodels.losses.diffusion import DiffLoss
 from genmodels.nn.attention import Block, KVCache
+from genmodels.nn.vit import xavier_init_
 from genmodels.tokenizers.base import TokenSpec
 
 ORDERS = ("random", "raster")
@@ -185,14 +186,7 @@ class MAR(Generator):
             nn.init.normal_(self.mask_token, std=0.02)
         if self.discrete:
             nn.init.normal_(self.token_emb.weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init_(self)
 
     def no_weight_decay(self) -> tuple[str, ...]:
         """The official optimiser skips weight decay for every DiffLoss parameter

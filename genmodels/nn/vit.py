@@ -81,3 +81,16 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """The MAE-style init of MAR's and FractalGen's official code: every ``nn.Linear``
+    xavier-uniform with zero bias, every ``nn.LayerNorm`` weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
