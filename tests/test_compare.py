@@ -73,7 +73,7 @@ def test_keys_follow_the_resolved_training_config_only(tmp_path, resolver):
     base = _preset(tmp_path)
     k1, tok1 = keys(base, tmp_path / "a")
     k2, tok2 = keys(base, tmp_path / "elsewhere")          # the output folder is not part of a key
-    assert k1 == k2 and tok1 == tok2 and len(set(k1.values())) == 3  # maskgit, causal_ar, not-built titok ("")
+    assert k1 == k2 and tok1 == tok2 and len(set(k1.values())) == 3  # maskgit, causal_ar, not-built unbuilt_maskgit ("")
     raw = yaml.safe_load(base.read_text())
     raw["runs"][0]["sampling"] = {"num_steps": 2, "cfg": 3.0}            # sampling: same training
     raw["runs"][1].setdefault("overrides", {})["model.init_args.lr"] = 5e-4  # a training knob: a new key
@@ -133,7 +133,7 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     assert res["failed"] == 0
     recs = {r["name"]: r for r in res["rows"]}
     assert recs["maskgit"]["status"] == "ok" and recs["causal_ar"]["status"] == "ok"
-    assert recs["titok_maskgit"]["status"].startswith("not built")
+    assert recs["unbuilt_maskgit"]["status"].startswith("not built")
     for name in ("maskgit", "causal_ar"):
         r = recs[name]
         assert r["images_seen"] == 64 and r["steps"] == 4 and r["train_flops"] > 0 and r["fid"]["mean"] > 0
@@ -143,10 +143,10 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     md = (out_dir / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| run |"))
     assert [h.strip() for h in header.strip("|").split("|")] == HEADERS
-    assert "| titok_maskgit |" in md and "not built" in md
+    assert "| unbuilt_maskgit |" in md and "not built" in md
     with open(out_dir / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == ["maskgit", "causal_ar", "titok_maskgit"]
+    assert [r["name"] for r in rows] == ["maskgit", "causal_ar", "unbuilt_maskgit"]
     assert set(COLUMNS) <= set(rows[0]) and float(rows[1]["fid"]) > 0
     for png in ("grid.png", "fid_vs_speed.png", "fid_vs_compute.png"):
         assert (out_dir / png).stat().st_size > 1000
