@@ -756,8 +756,12 @@ class Compare:
             gen.bind_tokenizer(tok)
         spec, bs = tok.spec, t.batch_size
         L = sum(math.prod(s) for s in spec.shapes)
-        tokens = (torch.randint(0, spec.vocab_size, (bs, L)) if spec.kind == "discrete"
-                  else torch.randn(bs, L, spec.channels))
+        if spec.kind == "pixels":    # pixel space: the tokenizer's own encoding of random images
+            with torch.no_grad():
+                tokens = tok.encode(torch.rand(bs, 3, spec.image_size, spec.image_size) * 2 - 1)
+        else:
+            tokens = (torch.randint(0, spec.vocab_size, (bs, L)) if spec.kind == "discrete"
+                      else torch.randn(bs, L, spec.channels))
         labels = torch.randint(0, gen.num_classes, (bs,))
         counts = []
         for _ in range(3):  # masking ratios are random: the mean of three steps
@@ -789,7 +793,8 @@ class Compare:
             for batch in dm.val_dataloader():
                 images, labels = batch[0], batch[1]
                 nll = pipe.generator.nll(pipe.tokenizer.encode(images), labels.long())
-                total, n = total + float(nll.sum()), n + len(nll)
+                # (B,) per image, or a scalar batch mean (FractalGen: bits per sub-pixel, unconditional)
+                total, n = total + float(nll.sum() if nll.ndim else nll * len(labels)), n + len(labels)
         bpd = total / max(1, n)
         _atomic_json(cache, {"bits_per_dim": bpd, "split": "val", "images": n})
         return bpd

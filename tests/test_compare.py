@@ -181,3 +181,36 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     assert [a["resumed"] for a in attempts] == [False, True]
     assert json.loads((mg / "train.json").read_text())["steps"] == 4
     assert {r["name"] for r in third["rows"] if r["status"] == "ok"} == {"maskgit", "causal_ar", "maskgit_linear"}
+
+
+def test_pixel_space_row_trains_no_tokenizer_and_uses_its_own_data(tmp_path, resolver):
+    """A tokenizer with ``train: false`` (FractalGen's pixels) trains nothing; its run composes its
+    own data config (8-px digits), gets no tokenizer_ckpt, and reads "pixels (identity)", rFID 0."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(launcher="inprocess", overrides={}, grid={"classes": [0, 1], "per_class": 1, "seed": 0})
+    raw["budget"]["curve_every"] = 0
+    raw["judge"].update(num_samples=10, curve_num_samples=10)
+    raw["tokenizers"] = {"pixels": {"requires": ["genmodels.tokenizers.pixels.Pixels"], "train": False}}
+    raw["runs"] = [{"name": "fractalar", "tokenizer": "pixels", "data": ["configs/data/digits_pixels8.yaml"],
+                    "configs": ["configs/generators/fractalar_digits.yaml"], "target_params": 36112,
+                    "overrides": {"model.init_args.warmup_steps": 1, "model.init_args.generator.init_args": {
+                        "embed_dim_list": [16, 16, 8], "num_blocks_list": [1, 1, 1], "num_heads_list": [2, 2, 1]}},
+                    "sampling": {"cfg": 1.0}}]
+    path = tmp_path / "pixels.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out_dir = tmp_path / "out"
+    res = compare(path, output_dir=str(out_dir), resolver=resolver)
+    t = res["compare"].rows[0].training
+    assert t.tokenizer is None and t.config["model"]["init_args"].get("tokenizer_ckpt") is None
+    assert t.config["data"]["init_args"]["image_size"] == 8 and t.config["data"]["init_args"]["batch_size"] == 16
+    rec = res["rows"][0]
+    assert res["failed"] == 0 and rec["status"] == "ok" and rec["fid"]["mean"] > 0
+    assert rec["tokenizer"] == "pixels (identity)" and rec["tokenizer_rfid"] == 0.0
+    assert [p.name for p in (out_dir / "runs").iterdir()] == [t.dir.name]       # no tokenizer training
+    assert (out_dir / "grid.png").stat().st_size > 1000
+    # a train: false tokenizer whose run builds no tokenizer itself is refused in one line
+    raw["runs"][0]["configs"] = ["configs/generators/maskgit_digits.yaml"]
+    raw["runs"][0]["overrides"] = {}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(GenmodelsError, match="must set model.init_args.tokenizer"):
+        compare(path, check_only=True, resolver=resolver, output_dir=str(out_dir))
