@@ -24,8 +24,11 @@ Preset fields (``configs/compare/tiny.yaml`` is the smallest complete example)::
     judge: {config: configs/evaluation/digits.yaml, num_samples, curve_num_samples, seed,
             test_loss: false (true: mean training loss on the test split, + loss_vs_params.png with a log-log fit)}
     grid: {classes: [...], per_class, seed}
-    tokenizers: {key: {configs: [...], overrides: {dotted.key: value}, requires: [...]}}
+    tokenizers: {key: {configs: [...], overrides: {dotted.key: value}, requires: [...],
+                       train: true (false: nothing to train, e.g. FractalGen's pixels; the run's
+                       configs then set model.init_args.tokenizer; table: "<key> (identity)", rFID 0)}}
     runs: [{name, paradigm, tokenizer: key, configs: [...], overrides: {...}, sampling: {...},
+            data: [...] (optional: this run's data configs instead of the preset's, e.g. 8-px digits),
             target_params (optional, per run), requires: [...]}]
     paper: {source, columns: {metric: header}, rows: {run name: {metric: value}}}   (ablations)
 
@@ -83,27 +86,21 @@ def say(msg: str) -> None:
 
 
 # =========================================================================== ADAPTER (one place)
-# The ONE place compare loads a generator checkpoint in Python (grid, bits/dim). When
-# genmodels/pipeline.py (issue 11) lands, replace the body by ``return genmodels.load(ckpt_path)``:
-# its Pipeline has the same surface (.sample_classes(classes, n_per_class, seed=, **knobs) -> images
-# (len(classes) * n_per_class, 3, H, W) in [-1, 1], class-major; .generator; .tokenizer).
+# The ONE place compare loads a generator checkpoint in Python (grid, bits/dim, test loss):
+# ``genmodels.load`` (genmodels/pipeline.py) -> Pipeline with .generator, .tokenizer and
+# .sample_classes(classes, n_per_class, seed=, block_size=) -> (uint8 images, labels), class-major.
+# Temporary only in that compare could call genmodels.load directly; kept as one seam.
 def load_pipeline(ckpt_path: str | Path) -> Any:
-    from genmodels.training import GeneratorModule
-    from genmodels.utils.config import instantiate
+    import genmodels
 
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["genmodels"]
-    module = GeneratorModule.load_from_checkpoint(ckpt_path, map_location="cpu",
-                                                  generator=instantiate(meta["generator"])).eval()
+    return genmodels.load(ckpt_path).eval()
 
-    class _Pipeline:
-        generator, tokenizer = module.generator, module.tokenizer
 
-        @torch.no_grad()
-        def sample_classes(self, classes, n_per_class: int, seed: int = 0, **knobs: Any) -> torch.Tensor:
-            labels = torch.as_tensor(list(classes), dtype=torch.int64).repeat_interleave(n_per_class)
-            return module.sample_images(labels, generator=torch.Generator().manual_seed(seed), **knobs)
-
-    return _Pipeline()
+def sample_grid(pipe: Any, classes: list[int], n_per_class: int, seed: int, **knobs: Any) -> torch.Tensor:
+    """``n_per_class`` samples of each class by the pipeline's seeding rule (one block per class),
+    as float (len(classes) * n_per_class, 3, H, W) in [-1, 1], class-major."""
+    images, _ = pipe.sample_classes(classes, n_per_class, seed=seed, block_size=max(1, n_per_class), **knobs)
+    return images.float() / 127.5 - 1.0
 # =========================================================================== end of ADAPTER
 
 
@@ -382,9 +379,11 @@ class Preset:
             raise GenmodelsError(f"compare: {where}: every run needs a unique name, got {names}")
         for r in self.runs:
             unknown = sorted(set(r) - {"name", "paradigm", "tokenizer", "configs", "overrides", "sampling",
-                                       "target_params", "requires", "note"})
+                                       "target_params", "requires", "note", "data"})
             if unknown:
                 raise GenmodelsError(f"compare: {where}: run {r['name']!r}: unknown field(s) {unknown}")
+            if r.get("data") is not None and not isinstance(r["data"], list):
+                raise GenmodelsError(f"compare: {where}: run {r['name']!r}: data must be a list of config files")
             if r.get("tokenizer") is not None and r["tokenizer"] not in self.tokenizers:
                 raise GenmodelsError(f"compare: {where}: run {r['name']!r}: tokenizer {r['tokenizer']!r} is not "
                                      f"among tokenizers {sorted(self.tokenizers)}")
@@ -413,13 +412,15 @@ class Compare:
         return path
 
     def _common_files(self, label: str, user_files: list[str], overrides: dict, budget: dict | None, seed: int,
-                      callbacks: list, tokenizer: Training | None) -> list[str]:
-        """data + the run's files + budget + shared trainer options + the run's overrides + compare's paths."""
-        for f in [*self.p.data, *user_files]:
+                      callbacks: list, tokenizer: Training | None, data: list[str] | None = None) -> list[str]:
+        """data (the run's own ``data`` or the preset's) + the run's files + budget + shared trainer
+        options + the run's overrides + compare's paths."""
+        data = list(self.p.data if data is None else data)
+        for f in [*data, *user_files]:
             if not Path(f).is_file():
                 raise GenmodelsError(f"compare: {label}: config file {f} does not exist")
         gen = self.out / "generated"
-        files = [*self.p.data, *user_files]
+        files = [*data, *user_files]
         if budget:
             files.append(str(self._write_override(gen, f"{label}.budget.yaml", budget)))
         if self.p.trainer or self.p.overrides:
@@ -474,6 +475,10 @@ class Compare:
                 t.status, t.reason = "not built", miss
                 self.tok_of[key] = t
                 continue
+            if spec.get("train", True) is False:   # e.g. FractalGen's pixels: the run's config builds it
+                t.status, t.reason = "fixed", "needs no training"
+                self.tok_of[key] = t
+                continue
             steps = _get(nest(spec.get("overrides") or {}), "trainer.max_steps")
             files = self._common_files(t.label, t.files, spec.get("overrides") or {}, None, p.seed,
                                        self._callbacks(t.label, int(steps or 0), 0), None)
@@ -489,6 +494,8 @@ class Compare:
             for i in range(p.num_seeds):
                 seed = p.seed + i
                 tok = self.tok_of.get(spec.get("tokenizer")) if spec.get("tokenizer") else None
+                fixed = tok is not None and tok.status == "fixed"
+                tok = None if fixed else tok    # a fixed tokenizer: no checkpoint to wait for or pass
                 t = Training("generator", spec["name"], seed, list(spec.get("configs") or []), tokenizer=tok)
                 miss = self._not_built(spec, t.files)
                 if miss is None and tok is not None and tok.status == "not built":
@@ -498,8 +505,12 @@ class Compare:
                     self.rows.append(Row(spec, seed, t, dict(spec.get("sampling") or {})))
                     continue
                 files = self._common_files(f"{_slug(spec['name'])}", t.files, spec.get("overrides") or {}, budget_file,
-                                           seed, self._callbacks(spec["name"], int(b["steps"]), int(b["curve_every"])), tok)
-                text, _ = self.resolver(files, f"run {spec['name']!r}")
+                                           seed, self._callbacks(spec["name"], int(b["steps"]), int(b["curve_every"])), tok,
+                                           spec.get("data"))
+                text, cfg = self.resolver(files, f"run {spec['name']!r}")
+                if fixed and not _get(cfg, "model.init_args.tokenizer"):
+                    raise GenmodelsError(f"compare: run {spec['name']!r}: tokenizer {spec['tokenizer']!r} needs no training "
+                                         "(train: false), so the run's configs must set model.init_args.tokenizer")
                 self.rows.append(Row(spec, seed, self._register(t, text), dict(spec.get("sampling") or {})))
 
     def _not_built(self, spec: dict, files: list[str]) -> str | None:
@@ -706,7 +717,7 @@ class Compare:
         jobs = max(1, self.p.jobs)
         pool = cf.ThreadPoolExecutor(max_workers=jobs)
         try:
-            toks = [t for t in self.tok_of.values() if t.status != "not built"]
+            toks = [t for t in self.tok_of.values() if t.status not in ("not built", "fixed")]
             for t in toks:  # tokenizers first: generators wait on them
                 t.future = pool.submit(self.train, t)
             gens = {r.training.key: r.training for r in self.rows if r.training.status != "not built"}
@@ -745,8 +756,12 @@ class Compare:
             gen.bind_tokenizer(tok)
         spec, bs = tok.spec, t.batch_size
         L = sum(math.prod(s) for s in spec.shapes)
-        tokens = (torch.randint(0, spec.vocab_size, (bs, L)) if spec.kind == "discrete"
-                  else torch.randn(bs, L, spec.channels))
+        if spec.kind == "pixels":    # pixel space: the tokenizer's own encoding of random images
+            with torch.no_grad():
+                tokens = tok.encode(torch.rand(bs, 3, spec.image_size, spec.image_size) * 2 - 1)
+        else:
+            tokens = (torch.randint(0, spec.vocab_size, (bs, L)) if spec.kind == "discrete"
+                      else torch.randn(bs, L, spec.channels))
         labels = torch.randint(0, gen.num_classes, (bs,))
         counts = []
         for _ in range(3):  # masking ratios are random: the mean of three steps
@@ -778,7 +793,8 @@ class Compare:
             for batch in dm.val_dataloader():
                 images, labels = batch[0], batch[1]
                 nll = pipe.generator.nll(pipe.tokenizer.encode(images), labels.long())
-                total, n = total + float(nll.sum()), n + len(nll)
+                # (B,) per image, or a scalar batch mean (FractalGen: bits per sub-pixel, unconditional)
+                total, n = total + float(nll.sum() if nll.ndim else nll * len(labels)), n + len(labels)
         bpd = total / max(1, n)
         _atomic_json(cache, {"bits_per_dim": bpd, "split": "val", "images": n})
         return bpd
@@ -816,7 +832,7 @@ class Compare:
         cache = t.dir / f"grid-{digest(json.dumps([classes, per, g.get('seed', 0), row.sampling], default=str))}.pt"
         if cache.is_file():
             return torch.load(cache, weights_only=True)
-        images = load_pipeline(t.last_ckpt).sample_classes(classes, per, seed=int(g.get("seed", 0)), **row.sampling)
+        images = sample_grid(load_pipeline(t.last_ckpt), classes, per, int(g.get("seed", 0)), **row.sampling)
         torch.save(images, cache)
         return images
 
@@ -855,7 +871,10 @@ class Compare:
             bpd = [self.bits_per_dim(r.training) for r in rows if r.training.status == "done"]
             rec["bits_per_dim"] = mean_std([b for b in bpd if b is not None])
             rec["test_loss"] = mean_std([self.test_loss(r.training) for r in rows])
-            rec["tokenizer_rfid"] = self.rfid.get(tok.key) if tok is not None and hasattr(self, "rfid") else None
+            if tok is not None and tok.status == "fixed":   # the identity: reconstruction is exact, rFID 0
+                rec["tokenizer"], rec["tokenizer_rfid"] = f"{rec['tokenizer']} (identity)", 0.0
+            else:
+                rec["tokenizer_rfid"] = self.rfid.get(tok.key) if tok is not None and hasattr(self, "rfid") else None
             rec["curves"] = [x.get("curve", []) for x in ok]
             rec["flops_per_step"] = fps
             out.append(rec)

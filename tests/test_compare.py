@@ -73,7 +73,7 @@ def test_keys_follow_the_resolved_training_config_only(tmp_path, resolver):
     base = _preset(tmp_path)
     k1, tok1 = keys(base, tmp_path / "a")
     k2, tok2 = keys(base, tmp_path / "elsewhere")          # the output folder is not part of a key
-    assert k1 == k2 and tok1 == tok2 and len(set(k1.values())) == 3  # maskgit, causal_ar, not-built titok ("")
+    assert k1 == k2 and tok1 == tok2 and len(set(k1.values())) == 3  # maskgit, causal_ar, not-built unbuilt_maskgit ("")
     raw = yaml.safe_load(base.read_text())
     raw["runs"][0]["sampling"] = {"num_steps": 2, "cfg": 3.0}            # sampling: same training
     raw["runs"][1].setdefault("overrides", {})["model.init_args.lr"] = 5e-4  # a training knob: a new key
@@ -133,7 +133,7 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     assert res["failed"] == 0
     recs = {r["name"]: r for r in res["rows"]}
     assert recs["maskgit"]["status"] == "ok" and recs["causal_ar"]["status"] == "ok"
-    assert recs["titok_maskgit"]["status"].startswith("not built")
+    assert recs["unbuilt_maskgit"]["status"].startswith("not built")
     for name in ("maskgit", "causal_ar"):
         r = recs[name]
         assert r["images_seen"] == 64 and r["steps"] == 4 and r["train_flops"] > 0 and r["fid"]["mean"] > 0
@@ -143,10 +143,10 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     md = (out_dir / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| run |"))
     assert [h.strip() for h in header.strip("|").split("|")] == HEADERS
-    assert "| titok_maskgit |" in md and "not built" in md
+    assert "| unbuilt_maskgit |" in md and "not built" in md
     with open(out_dir / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == ["maskgit", "causal_ar", "titok_maskgit"]
+    assert [r["name"] for r in rows] == ["maskgit", "causal_ar", "unbuilt_maskgit"]
     assert set(COLUMNS) <= set(rows[0]) and float(rows[1]["fid"]) > 0
     for png in ("grid.png", "fid_vs_speed.png", "fid_vs_compute.png"):
         assert (out_dir / png).stat().st_size > 1000
@@ -181,3 +181,36 @@ def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monk
     assert [a["resumed"] for a in attempts] == [False, True]
     assert json.loads((mg / "train.json").read_text())["steps"] == 4
     assert {r["name"] for r in third["rows"] if r["status"] == "ok"} == {"maskgit", "causal_ar", "maskgit_linear"}
+
+
+def test_pixel_space_row_trains_no_tokenizer_and_uses_its_own_data(tmp_path, resolver):
+    """A tokenizer with ``train: false`` (FractalGen's pixels) trains nothing; its run composes its
+    own data config (8-px digits), gets no tokenizer_ckpt, and reads "pixels (identity)", rFID 0."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(launcher="inprocess", overrides={}, grid={"classes": [0, 1], "per_class": 1, "seed": 0})
+    raw["budget"]["curve_every"] = 0
+    raw["judge"].update(num_samples=10, curve_num_samples=10)
+    raw["tokenizers"] = {"pixels": {"requires": ["genmodels.tokenizers.pixels.Pixels"], "train": False}}
+    raw["runs"] = [{"name": "fractalar", "tokenizer": "pixels", "data": ["configs/data/digits_pixels8.yaml"],
+                    "configs": ["configs/generators/fractalar_digits.yaml"], "target_params": 36112,
+                    "overrides": {"model.init_args.warmup_steps": 1, "model.init_args.generator.init_args": {
+                        "embed_dim_list": [16, 16, 8], "num_blocks_list": [1, 1, 1], "num_heads_list": [2, 2, 1]}},
+                    "sampling": {"cfg": 1.0}}]
+    path = tmp_path / "pixels.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out_dir = tmp_path / "out"
+    res = compare(path, output_dir=str(out_dir), resolver=resolver)
+    t = res["compare"].rows[0].training
+    assert t.tokenizer is None and t.config["model"]["init_args"].get("tokenizer_ckpt") is None
+    assert t.config["data"]["init_args"]["image_size"] == 8 and t.config["data"]["init_args"]["batch_size"] == 16
+    rec = res["rows"][0]
+    assert res["failed"] == 0 and rec["status"] == "ok" and rec["fid"]["mean"] > 0
+    assert rec["tokenizer"] == "pixels (identity)" and rec["tokenizer_rfid"] == 0.0
+    assert [p.name for p in (out_dir / "runs").iterdir()] == [t.dir.name]       # no tokenizer training
+    assert (out_dir / "grid.png").stat().st_size > 1000
+    # a train: false tokenizer whose run builds no tokenizer itself is refused in one line
+    raw["runs"][0]["configs"] = ["configs/generators/maskgit_digits.yaml"]
+    raw["runs"][0]["overrides"] = {}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(GenmodelsError, match="must set model.init_args.tokenizer"):
+        compare(path, check_only=True, resolver=resolver, output_dir=str(out_dir))
