@@ -115,6 +115,8 @@ class GenmodelsCLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
             return
+        if Path(ckpt_path).is_dir():  # a sharded (FSDP / distributed) checkpoint: Lightning's strategy reads it
+            return
         if not Path(ckpt_path).is_file():
             raise GenmodelsError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
         ckpt = self._read_ckpt(Path(ckpt_path), trust)

@@ -120,7 +120,9 @@ def check_checkpoint_fits(module: Any, checkpoint: Mapping[str, Any], trains: st
         raise GenmodelsError(f"{name} is a generator checkpoint (from a GeneratorModule fit): use it with a "
                              "GeneratorModule config (model.class_path: genmodels.training.GeneratorModule); a "
                              "TokenizerModule's --ckpt_path takes a tokenizer checkpoint")
-    sd = checkpoint.get("state_dict") or {}
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        return  # a sharded (FSDP) checkpoint: the strategy loads the module state from the shards itself
+    sd = checkpoint["state_dict"]
     own = module.state_dict()
     first = None
     for k, v in own.items():

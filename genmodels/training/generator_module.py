@@ -287,11 +287,14 @@ class GeneratorModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the configs, the default knobs and the frozen tokenizer's weights ONCE
         (``genmodels.tokenizer_state_dict``): they are dropped from ``state_dict`` and from the
-        EMA callback's ``current_model_state`` (Lightning runs callbacks' hooks first)."""
+        EMA callback's ``current_model_state`` (Lightning runs callbacks' hooks first), except in
+        an FSDP sharded checkpoint, whose shards must hold every module key."""
         checkpoint["genmodels"] = {"generator": self.generator.config, "tokenizer": self.tokenizer.config,
-                                   "tokenizer_state_dict": {k: v.detach().cpu() for k, v in
-                                                            self.tokenizer.state_dict().items()},
                                    "sample_kwargs": dict(self.sample_kwargs)}
+        if getattr(getattr(self._trainer, "strategy", None), "_state_dict_type", None) == "sharded":
+            return  # FSDP's sharded save/load reads every module key from the shards: the tokenizer stays there
+        checkpoint["genmodels"]["tokenizer_state_dict"] = {k: v.detach().cpu() for k, v in
+                                                           self.tokenizer.state_dict().items()}
         for key in ("state_dict", "current_model_state"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("tokenizer.")}
