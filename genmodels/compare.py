@@ -721,13 +721,21 @@ class Compare:
             for t in toks:  # tokenizers first: generators wait on them
                 t.future = pool.submit(self.train, t)
             gens = {r.training.key: r.training for r in self.rows if r.training.status != "not built"}
+            scored: list[cf.Future] = []
+
+            def train_then_queue_scores(t: Training) -> bool:
+                # a run's scoring is queued as soon as its training ends, so a free job never waits
+                # for the slowest training (the queue is first in, first out)
+                ok = self.train(t)
+                scored.extend(pool.submit(self.score_row, r) for r in self.rows if r.training is t)
+                return ok
+
             for t in gens.values():
-                t.future = pool.submit(self.train, t)
+                t.future = pool.submit(train_then_queue_scores, t)
             rfid = {t.key: pool.submit(self.score_tokenizer, t) for t in toks}
             for t in gens.values():
                 t.future.result()
-            scored = [pool.submit(self.score_row, r) for r in self.rows]
-            for f in scored:
+            for f in list(scored):      # complete: each training appended its scores before returning
                 f.result()
             self.rfid = {k: f.result() for k, f in rfid.items()}
         finally:
