@@ -209,7 +209,7 @@ def _recipe_callbacks(exp: str, root: Path, extra: tuple = ()) -> list[dict]:
     for cb in cbs:
         args = cb.setdefault("init_args", {})
         if cb["class_path"].endswith("GlobalBatch"):
-            lr = args["base_lr"] * args["global_batch"] / args["base_batch"]
+            lr = float(args["base_lr"]) * args["global_batch"] / args["base_batch"]  # PyYAML reads 8e-05 as a str
             args.update(global_batch=2, base_lr=lr * args["base_batch"] / 2)
         if "dirpath" in args:
             args["dirpath"] = str(root / "checkpoints")
@@ -220,6 +220,9 @@ def _image_data(imagenet: tuple[Path, Path], image_size: int, **kw) -> dict:
     train, val = imagenet
     return {"init_args": {"train_dir": str(train), "val_dir": str(val), "num_classes": 3, "image_size": image_size,
                           "batch_size": 2, "num_workers": 0, "pin_memory": False, **kw}}
+
+
+CHEAP_GRID = {"grid_per_class": 2, "sample_block_size": 2}  # the grid: 3 classes x 2 samples
 
 
 class OptimRecorder(Callback):
@@ -327,7 +330,7 @@ def test_mar_recipe_fast_dev_run_on_cached_latents(exp, kl16_latents, tmp_path):
     over = {
         "data": {"init_args": {"path": str(cache), "batch_size": 2, "num_workers": 0, "pin_memory": False}},
         "model": {"init_args": {
-            "tokenizer_ckpt": str(tok), "grid_sample_kwargs": {"num_steps": 2, "num_sampling_steps": 2},
+            "tokenizer_ckpt": str(tok), "grid_sample_kwargs": {"num_steps": 2, "num_sampling_steps": 2}, **CHEAP_GRID,
             "generator": {"init_args": {
                 "token_shape": [4, 4], "token_channels": 4, "num_classes": 3, "encoder_embed_dim": 32,
                 "encoder_depth": 1, "encoder_num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
@@ -501,7 +504,7 @@ def test_var_recipes_fast_dev_run_with_the_official_schedule(exp, imagenet, msvq
     cfg = yaml.safe_load((C / "experiments" / f"{exp}.yaml").read_text())["model"]["init_args"]
     over = {
         "data": _image_data(imagenet, 8),
-        "model": {"init_args": {"tokenizer_ckpt": str(msvq), "warmup_steps": 1, "generator": {"init_args": {
+        "model": {"init_args": {"tokenizer_ckpt": str(msvq), "warmup_steps": 1, **CHEAP_GRID, "generator": {"init_args": {
             "vocab_size": 32, "Cvae": 8, "patch_nums": [1, 2, 3, 4], "num_classes": 3, "depth": 2, "embed_dim": 32,
             "num_heads": 2}}}},
         "trainer": _cpu_trainer(tmp_path, fast_dev_run=3,
@@ -565,7 +568,7 @@ def test_titok_generator_recipes_fast_dev_run(exp, imagenet, titok_ckpts, tmp_pa
     _, stage1 = titok_ckpts
     over = {
         "data": _image_data(imagenet, 16),
-        "model": {"init_args": {"tokenizer_ckpt": str(stage1), "grid_sample_kwargs": {"num_steps": 2},
+        "model": {"init_args": {"tokenizer_ckpt": str(stage1), "grid_sample_kwargs": {"num_steps": 2}, **CHEAP_GRID,
                                 "generator": {"init_args": {
                                     "vocab_size": 16, "token_shape": [4], "seq_len": 4, "num_classes": 3,
                                     "hidden_size": 32, "depth": 2, "num_heads": 2, "intermediate_size": 64}}}},
@@ -587,7 +590,7 @@ def test_fractalgen_recipes_fast_dev_run(exp, imagenet, tmp_path):
         "data": _image_data(imagenet, 8),
         "model": {"init_args": {
             "tokenizer": {"init_args": {"image_size": 8}},
-            "grid_sample_kwargs": {"num_iter_list": [2] * (n - 1)},
+            "grid_sample_kwargs": {"num_iter_list": [2] * (n - 1)}, **CHEAP_GRID,
             "generator": {"init_args": {"img_size_list": sizes, "embed_dim_list": [32] + [16] * (n - 1),
                                         "num_blocks_list": [1] * n, "num_heads_list": [2] * n, "num_classes": 3,
                                         "num_iter_list": [2] * (n - 1)}}}},
