@@ -64,7 +64,8 @@ class GeneratorModule(LightningModule):
     def __init__(self, generator: Generator, tokenizer_ckpt: str | None = None, tokenizer: Tokenizer | None = None,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
-                 start_lr_ratio: float = 0.0, ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
+                 start_lr_ratio: float = 0.0, ema_decay: float | None = 0.9999, ema_start: int = 0,
+                 sample_kwargs: dict[str, Any] | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = 10,
                  grid_sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -267,7 +268,7 @@ class GeneratorModule(LightningModule):
         no_decay = self.generator.no_weight_decay() if hasattr(self.generator, "no_weight_decay") else ()
         opt = torch.optim.AdamW(param_groups(self.generator, h.weight_decay, no_decay), lr=h.lr, betas=h.betas)
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio,
-                                                               h.get("start_lr_ratio", 0.0)))
+                                                               h.start_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
