@@ -34,16 +34,59 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_names: Iterabl
     return groups
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """Multiplier of the peak LR at optimiser step ``s``: linear warm-up over
-    ``warmup_steps``, then ``constant`` (MAR), ``cosine`` or ``linear`` decay to
-    ``min_lr_ratio`` at ``total_steps``."""
-    if schedule not in ("constant", "cosine", "linear"):
-        raise GenmodelsError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+LR_SCHEDULES = ("constant", "cosine", "linear", "var_lin0", "var_lin", "var_lin00", "var_cos", "var_lin<T>")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+              start_lr_ratio: float = 0.0):
+    """Multiplier of the peak LR at optimiser step ``s`` (0-based) of ``total_steps`` (a ``LambdaLR``).
+
+    ``constant`` (MAR), ``cosine``, ``linear``: linear warm-up ``a + (1 - a)(s + 1) / W`` over
+    ``W = warmup_steps`` (``a = start_lr_ratio``), then constant, or cosine / linear decay to
+    ``min_lr_ratio`` at ``total_steps``.
+
+    ``var_*``: VAR's ``lr_wd_annealing`` (FoundationVision/VAR utils/lr_control.py, its ``sche``
+    names), with ``a = start_lr_ratio`` (VAR's ``wp0``, 0.005) and ``m = min_lr_ratio`` (``wpe``):
+    warm-up ``a + (1 - a) s / W`` for ``s < W``, then with ``p = (s - W) / (total_steps - 1 - W)``
+
+    * ``var_lin0`` (VAR's default): 1 while ``p < 0.05``, then ``m + (1 - m)(1 - p) / 0.95``
+      (linear to ``m`` at the last step); ``var_lin``: the same with 0.15;
+    * ``var_lin00``: ``m + (1 - m)(1 - p)``; ``var_cos``: ``m + (1 - m)(1 + cos(pi p)) / 2``;
+    * ``var_lin<T>`` (e.g. ``var_lin0.5``; VAR switches to ``lin<pg>`` under progressive training):
+      linear from 1 to ``h = (1 + m + (1 - m)(1 - T)) / 2`` over ``p < T``, then linear from ``h``
+      to ``m`` at ``p = 1``.
+    The weight-decay half of ``lr_wd_annealing`` is ``weight_decay_at`` (``recipe.WeightDecayAnnealing``).
+    """
+    flat = {"var_lin0": 0.05, "var_lin": 0.15}
+    T = None
+    if schedule.startswith("var_lin") and schedule not in flat and schedule != "var_lin00":
+        try:
+            T = float(schedule[len("var_lin"):])
+        except ValueError:
+            T = None
+        if T is None or not 0 < T < 1:
+            raise GenmodelsError(f"lr_schedule {schedule!r}: var_lin<T> needs 0 < T < 1 (e.g. var_lin0.5)")
+    elif schedule not in LR_SCHEDULES:
+        raise GenmodelsError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    a, m, W = start_lr_ratio, min_lr_ratio, warmup_steps
+
+    def var(step: int) -> float:
+        if step < W:
+            return a + (1 - a) * step / W
+        p = (step - W) / max(1, total_steps - 1 - W)
+        if schedule == "var_cos":
+            return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+        if schedule == "var_lin00":
+            return m + (1 - m) * (1 - p)
+        if T is None:  # var_lin0 / var_lin: flat, then linear to m
+            t = flat[schedule]
+            return 1.0 if p < t else m + (1 - m) * (1 - p) / (1 - t)
+        h = (1 + m + (1 - m) * (1 - T)) / 2
+        return 1 + (h - 1) * p / T if p < T else m + (h - m) * (1 - p) / (1 - T)
 
     def fn(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return a + (1 - a) * (step + 1) / warmup_steps
         if schedule == "constant" or total_steps <= warmup_steps:
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -51,7 +94,14 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
             return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
 
-    return fn
+    return var if schedule.startswith("var_") else fn
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """VAR's weight-decay annealing (utils/lr_control.py ``lr_wd_annealing``; ``twd`` -> ``twde``):
+    ``end + (start - end)(1 + cos(pi s / (total_steps - 1))) / 2`` at optimiser step ``s``."""
+    p = step / max(1, total_steps - 1)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 def seed_step(seed: int, step: int, rank: int = 0, world_size: int = 1) -> None:

@@ -42,7 +42,9 @@ class GeneratorModule(LightningModule):
         generator: the generator to train (built for the tokenizer's TokenSpec).
         tokenizer_ckpt: checkpoint of a trained tokenizer (from ``genmodels fit`` with a
             TokenizerModule), loaded frozen. Or give ``tokenizer`` directly (e.g. pixels).
-        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: AdamW + schedule.
+        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio, start_lr_ratio: AdamW +
+            schedule (``genmodels.training.common.lr_lambda``: constant / cosine / linear, or VAR's
+            ``var_lin0`` ...; ``start_lr_ratio`` = the LR at the first warm-up step over the peak).
         ema_decay: EMA decay (None = off); ``ema_start``: first step of averaging.
         sample_kwargs: sampling knobs passed to ``generator.sample`` for grids, predict and
             evaluation (e.g. ``{cfg: 2.0, temperature: 1.0, num_steps: 8}``).
@@ -62,7 +64,8 @@ class GeneratorModule(LightningModule):
     def __init__(self, generator: Generator, tokenizer_ckpt: str | None = None, tokenizer: Tokenizer | None = None,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05,
                  warmup_steps: int = 0, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
-                 ema_decay: float | None = 0.9999, ema_start: int = 0, sample_kwargs: dict[str, Any] | None = None,
+                 start_lr_ratio: float = 0.0, ema_decay: float | None = 0.9999, ema_start: int = 0,
+                 sample_kwargs: dict[str, Any] | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = 10,
                  grid_sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
                  evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -264,7 +267,8 @@ class GeneratorModule(LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
         no_decay = self.generator.no_weight_decay() if hasattr(self.generator, "no_weight_decay") else ()
         opt = torch.optim.AdamW(param_groups(self.generator, h.weight_decay, no_decay), lr=h.lr, betas=h.betas)
-        sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio))
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio,
+                                                               h.start_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,

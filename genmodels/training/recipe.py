@@ -1,4 +1,5 @@
-"""``GlobalBatch``: a paper recipe's global batch and learning-rate rule, checked at the start of fit.
+"""Callbacks of the paper recipes (``configs/experiments/imagenet*.yaml``): ``GlobalBatch`` (the global batch
+and learning-rate rule, checked at the start of fit) and ``WeightDecayAnnealing`` (VAR's weight-decay schedule).
 
 A recipe (``configs/experiments/imagenet256_*.yaml``) fixes the global batch
 
@@ -7,7 +8,7 @@ A recipe (``configs/experiments/imagenet256_*.yaml``) fixes the global batch
 and a learning rate scaled with it (MAR ``main_mar.py``: ``lr = blr * eff_batch_size / 256``;
 VAR ``utils/arg_util.py``: ``tlr = ac * tblr * glb_batch_size / 256``; LDM ``main.py``:
 ``lr = accumulate * ngpu * batch * base_lr``). Run the same YAML on another machine layout and
-the global batch silently changes, and with it the optimisation. This callback compares the
+the global batch silently changes, and with it the optimisation. ``GlobalBatch`` compares the
 run's layout with the recipe and stops with one line naming the fields to change.
 """
 from __future__ import annotations
@@ -59,3 +60,39 @@ class GlobalBatch(Callback):
             raise GenmodelsError(
                 f"model.init_args.lr={lr:g} but the recipe's rule gives base_lr {self.base_lr:g} x global batch "
                 f"{self.global_batch} / {self.base_batch} = {want:g} (GlobalBatch.base_lr)")
+
+
+class WeightDecayAnnealing(Callback):
+    """VAR's weight-decay annealing (FoundationVision/VAR utils/lr_control.py ``lr_wd_annealing``: ``twd`` ->
+    ``twde``, the README's VAR-d30 command sets ``--twde=0.08``): before every optimiser step ``s`` of the run's
+    ``T`` (``trainer.estimated_stepping_batches``) each decaying parameter group gets
+
+        wd(s) = end + (start - end) (1 + cos(pi s / (T - 1))) / 2     (``common.weight_decay_at``)
+
+    and groups without weight decay (biases, norms, ``no_weight_decay()``) keep 0. The value follows the
+    optimiser step, so a resumed run continues the same curve. LambdaLR can only scale the LR, hence a callback.
+
+    Args:
+        start: the weight decay at step 0; must equal ``model.init_args.weight_decay``.
+        end: the weight decay at the last step.
+    """
+
+    def __init__(self, start: float, end: float) -> None:
+        if start < 0 or end < 0:
+            raise GenmodelsError(f"WeightDecayAnnealing: start and end must be >= 0, got {start}, {end}")
+        self.start, self.end = float(start), float(end)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        wd = getattr(pl_module.hparams, "weight_decay", None)
+        if stage == "fit" and wd is not None and not math.isclose(wd, self.start, rel_tol=1e-9):
+            raise GenmodelsError(f"WeightDecayAnnealing.start={self.start:g} but model.init_args.weight_decay={wd:g}: "
+                                 "the annealing starts from the model's weight decay")
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from genmodels.training.common import weight_decay_at
+        wd = weight_decay_at(trainer.global_step, int(trainer.estimated_stepping_batches), self.start, self.end)
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                # 1 for the decaying groups, 0 for the others; kept in the group (and its checkpoint)
+                scale = group.setdefault("wd_scale", 1.0 if group["weight_decay"] > 0 else 0.0)
+                group["weight_decay"] = wd * scale
