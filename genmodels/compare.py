@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -667,12 +668,14 @@ class Compare:
             return json.loads(done.read_text())
         folder.mkdir(parents=True, exist_ok=True)
         evaluator = {"num_samples": int(num_samples), "seed": int(judge["seed"]),
-                     "results_file": str(folder / f"{skey}.jsonl"), "name": name, "progress": False}
+                     "results_file": str(folder / f"{skey}.jsonl"), "name": name, "progress": False,
+                     "export_npz": True}    # the judged samples: the side-by-side grid shows the first of them
         if sampling:
             evaluator["sample_kwargs"] = sampling
         over = self._write_override(folder, f"{skey}.yaml",
                                     {"model": {"init_args": {"evaluator": {"init_args": evaluator}}},
-                                     "trainer": {"logger": False, "callbacks": []}})
+                                     "trainer": {"logger": False, "callbacks": [],
+                                                 "default_root_dir": str(folder / skey)}})
         (folder / f"{skey}.jsonl").unlink(missing_ok=True)
         args = ["test", "-c", str(self._materialise(t)), "-c", str(judge["config"]), "-c", str(over),
                 "--ckpt_path", str(ckpt)]
@@ -837,12 +840,39 @@ class Compare:
         t = row.training
         if t.status != "done":
             return None
+        judged = self.judged_grid(row, classes, per)
+        if judged is not None:
+            return judged
         cache = t.dir / f"grid-{digest(json.dumps([classes, per, g.get('seed', 0), row.sampling], default=str))}.pt"
         if cache.is_file():
             return torch.load(cache, weights_only=True)
         images = sample_grid(load_pipeline(t.last_ckpt), classes, per, int(g.get("seed", 0)), **row.sampling)
         torch.save(images, cache)
         return images
+
+    def judged_grid(self, row: Row, classes: list[int], per: int) -> torch.Tensor | None:
+        """The first ``per`` judged samples of each class (the final score's ADM .npz), float
+        (len(classes) * per, 3, H, W) in [-1, 1], class-major; None when the grid asks for other
+        samples than the judge drew (another seed, more per class) or the npz is missing, in which
+        case the grid samples anew. Saves sampling every row twice (a DiffLoss AR row at grid
+        batch sizes costs minutes)."""
+        final = (self.results.get((row.spec["name"], row.seed)) or {}).get("row") or {}
+        path = final.get("samples_npz")
+        if not path or not Path(path).is_file() or int(self.p.grid.get("seed", 0)) != int(self.p.judge["seed"]):
+            return None
+        from genmodels.evaluation.adm_export import read_adm_npz_all
+
+        images, _, labels = read_adm_npz_all(path)
+        if labels is None:
+            return None
+        picked = []
+        for c in classes:
+            idx = np.flatnonzero(labels == c)[:per]     # judge order keeps each class's sample order
+            if len(idx) < per:
+                return None
+            picked.append(images[idx])
+        x = torch.from_numpy(np.concatenate(picked)).permute(0, 3, 1, 2).float()
+        return x / 127.5 - 1.0
 
     # ------------------------------------------------------------------ aggregation and outputs
     def table_rows(self) -> list[dict]:

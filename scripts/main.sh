@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (scikit-learn digits, CPU): train the VQ tokenizer,
-# then MaskGIT on its tokens, then write a grid of class-conditional samples and 100 PNGs.
+# The main job on the embedded default (scikit-learn digits, CPU): every built paradigm trained
+# under one matched budget and scored by one judge (configs/compare/digits_quick.yaml). Prints the
+# table and the paths of table.md / table.csv, the side-by-side sample grid and the plots.
+# Rerunning reuses finished runs; extra arguments go to `genmodels compare` (e.g. --jobs 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${GENMODELS:-.venv/bin/genmodels}
-D=configs/data/digits.yaml
-start=$(date +%s)
-"$G" fit -c $D -c configs/tokenizers/vq_digits.yaml -c configs/experiments/digits_vq.yaml
-"$G" fit -c $D -c configs/generators/maskgit_digits.yaml -c configs/experiments/digits_maskgit.yaml
-"$G" predict -c $D -c configs/generators/maskgit_digits.yaml -c configs/experiments/digits_maskgit.yaml \
-    --ckpt_path outputs/digits_maskgit/checkpoints/last.ckpt
-grid=$(ls -t outputs/digits_maskgit/lightning_logs/version_*/predictions/grid.png | head -1)
-echo "main job done in $(( $(date +%s) - start )) s; sample grid (a row per class 0..9): $grid"
+exec "$G" compare -c configs/compare/digits_quick.yaml "$@"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from genmodels.compare import (COLUMNS, HEADERS, Compare, Preset, Resolver, compare, loss_params_fit,
@@ -129,8 +130,20 @@ def test_shipped_presets_and_ablations_pass_the_budget_check(resolver, tmp_path)
 def test_tiny_compare_end_to_end_resume_and_incremental(tmp_path, resolver, monkeypatch, capsys):
     out_dir = tmp_path / "out"
     preset = _preset(tmp_path)
+    import genmodels.compare as compare_module
+
+    # the side-by-side grid shows the first judged samples of each class: nothing is sampled again
+    monkeypatch.setattr(compare_module, "sample_grid", lambda *a, **k: pytest.fail("grid sampled anew"))
     res = compare(preset, output_dir=str(out_dir), resolver=resolver)
+    monkeypatch.undo()
     assert res["failed"] == 0
+    c = res["compare"]
+    row = next(r for r in c.rows if r.spec["name"] == "causal_ar")
+    npz = c.results[("causal_ar", row.seed)]["row"]["samples_npz"]
+    from genmodels.evaluation.adm_export import read_adm_npz_all
+    images, _, labels = read_adm_npz_all(npz)
+    first_of_3 = images[list(labels).index(3)]
+    assert (c.grid_images(row)[3] == torch.from_numpy(first_of_3).permute(2, 0, 1).float() / 127.5 - 1).all()
     recs = {r["name"]: r for r in res["rows"]}
     assert recs["maskgit"]["status"] == "ok" and recs["causal_ar"]["status"] == "ok"
     assert recs["unbuilt_maskgit"]["status"].startswith("not built")
