@@ -228,6 +228,29 @@ OFFICIAL: dict[str, dict[str, Any]] = {
        for size, url in (("base", "f6dpuyjb7fudzxcyhvrhk/checkpoint-last.pth?rlkey=a6i4bo71vhfo4anp33n9ukujb&dl=1"),
                          ("large", "pxacc5b2mrt3ifw4cah6k/checkpoint-last.pth?rlkey=m48ovo6g7ivcbosrbdaz0ehqt&dl=1"),
                          ("huge", "1qmfx6fpy3k7j9vcjjs3s/checkpoint-last.pth?rlkey=4lae281yzxb406atp32vzc83o&dl=1"))},
+    # FractalGen (LTH14/fractalgen): pixel space, so one file (``{"model": ...}``, no EMA) and the
+    # Pixels tokenizer. Folder / file as the official util/download.py writes them
+    # (``pretrained_models/<model>/checkpoint-last.pth``); URLs are the README's Dropbox links with
+    # ``dl=1`` (a direct download; the README's ``dl=0`` works only with wget's user agent).
+    # ``sample_kwargs``: the README's FID settings in our convention (temperature 1 / T).
+    **{name: {"kind": "fractal", "generator_kwargs": {"model": name.replace("-", "_")},
+              "tokenizer_kwargs": {"image_size": size},
+              "sample_kwargs": {"cfg": cfg, "guidance_schedule": "linear", "temperature": 1.0 / temp,
+                                "num_iter_list": iters, "filter_threshold": 1e-4},
+              "files": {"generator": (f"fractalgen/{name.replace('-', '_')}/checkpoint-last.pth",
+                                      _MAR_URL + url + "&dl=1", None)}}
+       for name, size, cfg, temp, iters, url in (
+           ("fractalar-in64", 64, 11.0, 1.03, [64, 16],
+            "n25tbij7aqkwo1ypqhz72/checkpoint-last.pth?rlkey=2czevgex3ocg2ae8zde3xpb3f&st=mj0subup"),
+           ("fractalmar-in64", 64, 6.5, 1.02, [64, 16],
+            "lh7fmv48pusujd6m4kcdn/checkpoint-last.pth?rlkey=huihey61ok32h28o3tbbq6ek9&st=fxtoawba"),
+           # README: best cfg 29 (Base) / 21 (Large); it gives no temperature for Base: 1.1 as Large / Huge
+           ("fractalmar-base-in256", 256, 29.0, 1.1, [64, 16, 16],
+            "zrdm7853ih4tcv98wmzhe/checkpoint-last.pth?rlkey=htq9yuzovet7d6ioa64s1xxd0&st=4c4d93vs"),
+           ("fractalmar-large-in256", 256, 21.0, 1.1, [64, 16, 16],
+            "y1k05xx7ry8521ckxkqgt/checkpoint-last.pth?rlkey=wolq4krdq7z7eyjnaw5ndhq6k&st=vjeu5uzo"),
+           ("fractalmar-huge-in256", 256, 19.0, 1.1, [64, 16, 16],
+            "t2rru8xr6wm23yvxskpww/checkpoint-last.pth?rlkey=dn9ss9zw4zsnckf6bat9hss6h&st=y7w921zo"))},
 }
 
 
@@ -320,7 +343,9 @@ def from_official(name: str, path: str | Path | None = None, *, download: bool =
                   cache_dir: str | Path | None = None, device: torch.device | str | None = None,
                   progress: bool = True) -> Pipeline:
     """A ``Pipeline`` for the released weights: ``var-d16`` .. ``var-d30`` (+ the VQ-VAE
-    ``vae_ch160v4096z32.pth``), ``mar-base`` / ``mar-large`` / ``mar-huge`` (+ ``kl16.ckpt``).
+    ``vae_ch160v4096z32.pth``), ``mar-base`` / ``mar-large`` / ``mar-huge`` (+ ``kl16.ckpt``),
+    ``fractalar-in64``, ``fractalmar-in64``, ``fractalmar-base-in256`` / ``-large-`` / ``-huge-``
+    (pixels: one ``checkpoint-last.pth`` each).
 
     ``path``: a folder holding the official files (see ``official_files``); ``download=True``
     fetches them from the authors' locations into ``cache_dir`` instead (progress bar,
@@ -340,6 +365,11 @@ def from_official(name: str, path: str | Path | None = None, *, download: bool =
         vae = convert("var-vqvae", files["tokenizer"], **tok_kw)
         var = convert("var", files["generator"], vae_local=vae, **gen_kw)
         pipe = Pipeline(var, vae, from_var(cfg=1.5, top_k=900, top_p=0.96), name=key)
+    elif spec["kind"] == "fractal":  # pixel space: the Pixels tokenizer has no file
+        from genmodels.tokenizers.pixels import Pixels
+
+        fractal = convert(gen_kw.pop("model"), files["generator"], **gen_kw)
+        pipe = Pipeline(fractal, Pixels(**tok_kw), spec["sample_kwargs"], name=key)
     else:
         from genmodels.checkpoints.mar import RELEASED_DIFFLOSS
         from genmodels.generators.mar import MAR

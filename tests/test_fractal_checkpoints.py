@@ -88,3 +88,72 @@ def test_unknown_official_argument_and_non_checkpoint():
         from_official("fractalmar_in64", {"x": torch.zeros(1)}, diffloss_d=3)
     with pytest.raises(CheckpointMismatchError, match="expected an official FractalGen checkpoint"):
         from_official("fractalmar_in64", {"model": {"args": 1}})
+
+
+# ----------------------------------------------------------------------------- genmodels.from_official names
+PIPELINE_NAMES = {"fractalar-in64": "fractalar_in64", "fractalmar-in64": "fractalmar_in64",
+                  "fractalmar-base-in256": "fractalmar_base_in256", "fractalmar-large-in256": "fractalmar_large_in256",
+                  "fractalmar-huge-in256": "fractalmar_huge_in256"}
+
+
+def test_pipeline_names_files_and_readme_knobs(tmp_path):
+    """The five releases are ``genmodels.from_official`` names: the official download's folder /
+    file, the README's Dropbox link (direct download), no invented checksum, the README's FID knobs
+    in our convention (temperature 1 / T); a missing file names itself. No network."""
+    import genmodels
+    from genmodels import pipeline
+    from genmodels.errors import GenmodelsError
+
+    for name, kind in PIPELINE_NAMES.items():
+        spec = pipeline.OFFICIAL[name]
+        assert spec["kind"] == "fractal" and spec["generator_kwargs"] == {"model": kind} and kind in KINDS
+        rel, url, sha = spec["files"]["generator"]
+        assert rel == f"fractalgen/{kind}/checkpoint-last.pth" and sha is None
+        assert url.startswith("https://www.dropbox.com/scl/fi/") and url.endswith("&dl=1") and "rlkey=" in url
+        assert spec["tokenizer_kwargs"] == {"image_size": 64 if kind.endswith("in64") else 256}
+        assert pipeline._official_name(kind) == name  # the official spelling works too
+        with pytest.raises(GenmodelsError, match=f"{kind}/checkpoint-last.pth.*dropbox"):
+            genmodels.from_official(name, tmp_path)
+    knobs = {n: (pipeline.OFFICIAL[n]["sample_kwargs"]["cfg"], round(1 / pipeline.OFFICIAL[n]["sample_kwargs"]["temperature"], 6),
+                 pipeline.OFFICIAL[n]["sample_kwargs"]["num_iter_list"]) for n in PIPELINE_NAMES}
+    assert knobs == {"fractalar-in64": (11.0, 1.03, [64, 16]), "fractalmar-in64": (6.5, 1.02, [64, 16]),
+                     "fractalmar-base-in256": (29.0, 1.1, [64, 16, 16]),
+                     "fractalmar-large-in256": (21.0, 1.1, [64, 16, 16]),
+                     "fractalmar-huge-in256": (19.0, 1.1, [64, 16, 16])}
+    assert all(pipeline.OFFICIAL[n]["sample_kwargs"]["guidance_schedule"] == "linear" for n in PIPELINE_NAMES)
+
+
+def test_from_official_fractal_pipeline_replays_the_official_sampler(tmp_path, monkeypatch):
+    """``genmodels.from_official`` on an official-format file (``{"model": state_dict}`` with the
+    perturbed weights of the recorded FractalMAR parity fixture, in a folder laid out as the official
+    download) samples the official pixels through the pipeline's default knobs."""
+    import genmodels
+    from genmodels import checkpoints, pipeline
+    from genmodels.checkpoints import fractal as fractal_ckpt
+    from genmodels.sampling import from_fractal_temperature
+    from helpers import mar_fixture_weights
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    tiny = dict(img_size_list=(8, 2, 1), embed_dim_list=(32, 16, 8), num_blocks_list=(2, 1, 1),
+                num_heads_list=(2, 2, 2), generator_type_list=("mar", "mar", "ar"))  # the "mar" fixture's
+    monkeypatch.setattr(FractalGen, "fractal_tiny", classmethod(lambda cls, **kw: cls(**tiny, **kw)), raising=False)
+    monkeypatch.setitem(checkpoints._CONVERTERS, "fractal_tiny", fractal_ckpt._converter("fractal_tiny"))
+    rec = load_file(str(Path(__file__).parent / "fixtures" / "fractal" / "mar.safetensors"))
+    model = FractalGen(**tiny, num_classes=10, num_conds=5)
+    assert mar_fixture_weights().perturb_(model, seed=3) == pytest.approx(float(rec["checksum"]), rel=1e-9)
+    (tmp_path / "fractal_tiny").mkdir()
+    torch.save({"model": model.state_dict()}, tmp_path / "fractal_tiny" / "checkpoint-last.pth")
+    # the recorded run "cfg": official cfg 3, linear, T 0.5, filter 1e-2, num_iter_list 3,2, seed 11
+    monkeypatch.setitem(pipeline.OFFICIAL, "fractalmar-tiny", {
+        "kind": "fractal", "generator_kwargs": {"model": "fractal_tiny", "class_num": 10},
+        "tokenizer_kwargs": {"image_size": 8},
+        "sample_kwargs": {"cfg": 3.0, "guidance_schedule": "linear", "temperature": from_fractal_temperature(0.5),
+                          "num_iter_list": [3, 2], "filter_threshold": 1e-2},
+        "files": {"generator": ("fractalgen/fractal_tiny/checkpoint-last.pth", "https://example.invalid/f", None)}})
+    pipe = genmodels.from_official("fractalmar-tiny", tmp_path)
+    assert isinstance(pipe.generator, FractalGen) and not pipe.generator.training
+    images = pipe.sample(rec["labels"], generator=torch.Generator().manual_seed(11), output="uint8")
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = ((rec["sample_cfg"] * std + mean) * 255).round()
+    assert torch.equal(images.float(), want)

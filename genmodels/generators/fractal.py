@@ -15,7 +15,9 @@ the condition of the next level, which models that patch the same way; the last 
   .. cond0, patches], masked patches replaced by ``mask_token``; five conditions per patch go down:
   the middle output and its four neighbours' (top, right, bottom, left; zero at the border).
   Training masks a PER-SAMPLE ratio r ~ truncnorm on [0, 1] (mean 1, std 0.25), ``ceil(L r)``
-  patches; only the masked patches go down. The NLL pass masks ``randint(L) + 1`` patches.
+  patches; only the masked patches go down. (``mask_ratio_std`` widens it: with the official 0.25 a
+  level of L = 4 patches sees 3 visible patches in 0.3 % of its training samples, so small models
+  on short budgets never learn the last steps of their own sampler; see benchmarks/results/fractal.md.) The NLL pass masks ``randint(L) + 1`` patches.
   For the 256-px models levels > 0 first model the patch's mean colour (the guiding pixel) with
   their own PixelLoss and condition on it (``pix_proj``).
 * ``PixelLoss``: [cond, R, G, B] embeddings through causal blocks; logits of channel c are
@@ -273,9 +275,9 @@ class MARLevel(nn.Module):
 
     def __init__(self, seq_len: int, patch_size: int, cond_embed_dim: int, embed_dim: int, num_blocks: int,
                  num_heads: int, attn_dropout: float = 0.1, proj_dropout: float = 0.1, num_conds: int = 5,
-                 guiding_pixel: bool = False) -> None:
+                 guiding_pixel: bool = False, mask_ratio_std: float = 0.25) -> None:
         super().__init__()
-        self.seq_len, self.patch_size = seq_len, patch_size
+        self.seq_len, self.patch_size, self.mask_ratio_std = seq_len, patch_size, float(mask_ratio_std)
         self.num_conds, self.guiding_pixel = num_conds, bool(guiding_pixel)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_emb = nn.Linear(3 * patch_size ** 2, embed_dim)
@@ -322,10 +324,11 @@ class MARLevel(nn.Module):
         return torch.argsort(torch.rand(n, self.seq_len, device=device, generator=generator), dim=1)
 
     def training_mask(self, orders: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Per-sample ratio r ~ truncnorm(-4, 0, loc 1, scale 0.25) on [0, 1]; position j masked iff
+        """Per-sample ratio r ~ a normal (mean 1, std ``mask_ratio_std``; official 0.25, i.e.
+        truncnorm(-4, 0, loc 1, scale 0.25)) truncated to [0, 1]; position j masked iff
         ``orders[j] < ceil(L r)`` (the official scatter). -> (n, L) float."""
         u = torch.rand(orders.shape[0], generator=generator, device=orders.device)
-        num = torch.ceil(self.seq_len * truncnorm_mask_ratio(u.cpu(), 0.0)).to(orders.device)
+        num = torch.ceil(self.seq_len * truncnorm_mask_ratio(u.cpu(), 0.0, self.mask_ratio_std)).to(orders.device)
         return (orders < num[:, None]).float()
 
     def nll_mask(self, orders: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -386,14 +389,14 @@ class MARLevel(nn.Module):
 
 # ============================================================================ the recursion
 def _build_level(l: int, img_size_list, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list,
-                 attn_dropout, proj_dropout, guiding_pixel, num_conds) -> nn.Module:
+                 attn_dropout, proj_dropout, guiding_pixel, num_conds, mask_ratio_std) -> nn.Module:
     kw = dict(seq_len=(img_size_list[l] // img_size_list[l + 1]) ** 2, patch_size=img_size_list[l + 1],
               cond_embed_dim=embed_dim_list[l - 1] if l > 0 else embed_dim_list[0], embed_dim=embed_dim_list[l],
               num_blocks=num_blocks_list[l], num_heads=num_heads_list[l])
     if generator_type_list[l] == "ar":
         return ARLevel(**kw)
     return MARLevel(**kw, attn_dropout=attn_dropout, proj_dropout=proj_dropout, num_conds=num_conds,
-                    guiding_pixel=guiding_pixel and l > 0)
+                    guiding_pixel=guiding_pixel and l > 0, mask_ratio_std=mask_ratio_std)
 
 
 class FractalLevel(nn.Module):
@@ -447,6 +450,10 @@ class FractalGen(Generator):
         num_iter_list: default sampling steps per level (official README: 64,16 / 64,16,16).
         nll_passes: passes averaged by ``nll`` (official ``nll_forward_number``); default 1 when all
             levels are AR (exact), else 10.
+        mask_ratio_std: std of the MAR levels' truncated-normal training mask ratio on [0, 1] (mean 1;
+            official 0.25). Larger spreads the ratio towards uniform on [0, 1] (every visible count
+            trained about equally, as the sampler and the NLL estimate use them): for levels of few
+            patches on short budgets (the digits configs use 1.0). Not an official argument.
     """
 
     def __init__(self, img_size_list: Sequence[int] = (64, 4, 1), embed_dim_list: Sequence[int] = (1024, 512, 128),
@@ -454,7 +461,8 @@ class FractalGen(Generator):
                  generator_type_list: Sequence[str] = ("ar", "ar", "ar"), num_classes: int = 1000,
                  label_drop_prob: float = 0.1, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
                  guiding_pixel: bool = False, num_conds: int = 5, r_weight: float = 5.0,
-                 num_iter_list: Sequence[int] | None = None, nll_passes: int | None = None) -> None:
+                 num_iter_list: Sequence[int] | None = None, nll_passes: int | None = None,
+                 mask_ratio_std: float = 0.25) -> None:
         super().__init__()
         sizes = [int(s) for s in img_size_list]
         n = len(sizes)
@@ -467,6 +475,8 @@ class FractalGen(Generator):
         bad = [t for t in generator_type_list[:-1] if t not in GENERATOR_TYPES]
         if bad:
             raise GenmodelsError(f"FractalGen: generator_type_list entries must be in {GENERATOR_TYPES}, got {bad[0]!r}")
+        if not mask_ratio_std > 0:
+            raise GenmodelsError(f"FractalGen: mask_ratio_std must be > 0, got {mask_ratio_std}")
         self.img_size_list = sizes
         self.generator_type_list = list(generator_type_list)
         self.num_classes, self.label_drop_prob = int(num_classes), label_drop_prob
@@ -482,7 +492,7 @@ class FractalGen(Generator):
         nn.init.normal_(self.class_emb.weight, std=0.02)
         nn.init.normal_(self.fake_latent, std=0.02)
         args = (sizes, embed_dim_list, num_blocks_list, num_heads_list, generator_type_list, attn_dropout,
-                proj_dropout, guiding_pixel, num_conds)
+                proj_dropout, guiding_pixel, num_conds, mask_ratio_std)
         last = n - 2
         nxt: nn.Module = PixelLoss(embed_dim_list[last], embed_dim_list[last + 1], num_blocks_list[last + 1],
                                    num_heads_list[last + 1], r_weight)
