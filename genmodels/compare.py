@@ -79,6 +79,19 @@ TOKENIZER = "__COMPARE_TOKENIZER_{}__"   # placeholder of a tokenizer checkpoint
 OPTIMIZER_OF_MODULE = {"genmodels.training.GeneratorModule": "AdamW", "genmodels.training.TokenizerModule": "AdamW",
                        "genmodels.training.generator_module.GeneratorModule": "AdamW"}
 _print_lock = threading.Lock()
+# Live ``genmodels fit`` / ``test`` children of the subprocess launcher. A compare stopped with
+# SIGTERM (a scheduler's kill, ``kill PID``) takes them down with it: an orphaned fit would keep
+# writing into a run folder that the next ``genmodels compare`` resumes at the same time.
+_children: set[subprocess.Popen] = set()
+_stopping = threading.Event()
+
+
+def stop_children(signum: int = 15, frame: Any = None) -> None:
+    """SIGTERM handler of ``genmodels compare``: no new launches, children terminated, exit 128 + signum."""
+    _stopping.set()
+    for proc in list(_children):
+        proc.terminate()
+    raise SystemExit(128 + int(signum))
 
 
 def say(msg: str) -> None:
@@ -590,11 +603,14 @@ class Compare:
             except Exception as e:  # noqa: BLE001 -- recorded as a failed run, compare goes on
                 log.write_text(f"{type(e).__name__}: {e}\n")
                 return 1
+        if _stopping.is_set():
+            return 128 + 15
         env = dict(os.environ)
         if self.p.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.p.threads)
         with log.open("a") as f, subprocess.Popen([sys.executable, "-m", "genmodels.cli", *args], env=env,
                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            _children.add(proc)
             f.write(f"$ genmodels {' '.join(args)}\n")
             for line in proc.stdout:
                 f.write(line)
@@ -602,7 +618,9 @@ class Compare:
                     with _print_lock:
                         sys.stdout.write(line)
                         sys.stdout.flush()
-            return proc.wait()
+            rc = proc.wait()
+            _children.discard(proc)
+            return rc
 
     def train(self, t: Training) -> bool:
         """Fit (or resume, or skip) one training; True when it is finished."""
@@ -1258,6 +1276,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--launcher", choices=["subprocess", "inprocess"], default=None)
     ap.add_argument("--check", action="store_true", help="resolve configs and check the budget only")
     args = ap.parse_args(argv)
+    import signal
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_children)
     out = compare(args.config, seeds=args.seeds, output_dir=args.output_dir, launcher=args.launcher, jobs=args.jobs,
                   check_only=args.check)
     return 1 if out["failed"] else 0

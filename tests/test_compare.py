@@ -227,3 +227,25 @@ def test_pixel_space_row_trains_no_tokenizer_and_uses_its_own_data(tmp_path, res
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(GenmodelsError, match="must set model.init_args.tokenizer"):
         compare(path, check_only=True, resolver=resolver, output_dir=str(out_dir))
+
+
+def test_sigterm_takes_the_launched_children_down(tmp_path, resolver):
+    """A compare killed with SIGTERM leaves no orphaned fit writing into a run folder that the next
+    compare resumes; nothing new is launched after the signal."""
+    import subprocess
+    import sys
+
+    import genmodels.compare as compare_module
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    compare_module._children.add(child)
+    try:
+        with pytest.raises(SystemExit) as e:
+            compare_module.stop_children(15)
+        assert e.value.code == 143 and child.wait(timeout=10) != 0
+        c = Compare(Preset(_preset(tmp_path, launcher="subprocess")), resolver)
+        assert c._launch(["fit", "--help"], tmp_path / "x.log") == 143 and not (tmp_path / "x.log").exists()
+    finally:
+        compare_module._children.discard(child)
+        compare_module._stopping.clear()
+        child.kill()
