@@ -195,7 +195,7 @@ def test_all_one_mask_gives_sample(pipes, name):
 def test_knobs_follow_the_convention(pipes):
     """The pipeline's sample_kwargs are the defaults and a call's knobs override them; cfg=1 is
     guidance off (no unconditional pass), so the result differs from cfg=2 for the same seed."""
-    p = pipe_of(pipes, "maskgit")
+    p = pipe_of(pipes, "var")
     x, m = images(2), centre()
     a = p.edit_tokens(x, m, 1, generator=gen(0))[2]
     b = p.edit_tokens(x, m, 1, generator=gen(0), cfg=2.0)[2]
