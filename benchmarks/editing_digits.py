@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import genmodels
+from genmodels.checkpoints.common import read_checkpoint
 from genmodels.data.digits import digits_tensors
 from genmodels.errors import GenmodelsError
 from genmodels.evaluation.features import build_feature_extractor
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--grid-rows", type=int, default=10)
+    ap.add_argument("--num", type=int, default=360, help="edit the first NUM of the 360 val + test images")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -89,13 +91,54 @@ def main(argv: list[str] | None = None) -> int:
         """val + test images at side S, their labels, the class-edit targets, the train reference."""
         if S not in data:
             images, labels, splits = digits_tensors(S)
-            idx = torch.cat([splits["val"], splits["test"]])
+            images = images.expand(-1, 3, -1, -1).contiguous()  # grey -> RGB, as the data module gives them
+            idx = torch.cat([splits["val"], splits["test"]])[:a.num]
             x, y = images[idx], labels[idx]
             data[S] = {"x": x, "y": y, "target": (y + 1 + torch.arange(len(y)) % 9) % 10,
                        "ref": feature_statistics(feats(images[splits["train"]]).features)}
-            rows.append({"name": f"unedited val+test images ({S} px)", "fid_centre": fid(x, S),
+            rows.append({"name": f"unedited val+test images ({S} px, N={len(x)})", "fid_centre": fid(x, S),
                          "fid_bottom": fid(x, S), "acc_own": acc(x, y)})
         return data[S]
+
+    def write_report() -> None:
+        """The markdown table + grids list and the JSON rows, rewritten after every run."""
+        def f(v, fmt="{:.2f}"):
+            if v is None:
+                return "refused (raster order)"
+            return "–" if v != v else fmt.format(v)  # nan: not applicable
+
+        lines = [
+            "# Zero-shot editing on digits (issue 18)", "",
+            "Made by `python " + " ".join(["benchmarks/editing_digits.py"] + (argv if argv is not None else sys.argv[1:]))
+            + "` (one thread). Inputs: the first " + str(a.num) + " of the 360 val + test images (never trained on). "
+            "Masks: the centre box of half the side (in-painting) and the bottom half (out-painting); class editing "
+            "regenerates the same regions as another digit (target = (y + 1 + i mod 9) mod 10). Judge: the shipped "
+            "digits classifier (`genmodels/evaluation`): FID on its 64-d features against the 1,437 train images "
+            "(small N: compare within this table only), accuracy = the fraction of images it reads as the requested "
+            "digit. Knobs: each checkpoint's `sample_kwargs` (the genmodels sampling convention), seed " + str(a.seed)
+            + ". Pixel models (FractalMAR) work on the 8 px digits: compare their rows with the 8 px reference row. "
+            "FID recon: the tokenizer's reconstructions of the same images (an all-zero mask).", "",
+            "| run | generator | steps | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
+            "| class-edit acc centre ↑ | class-edit acc bottom ↑ | s/img (edit) | knobs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | "
+                         f"{f(r.get('fid_recon', float('nan')))} | "
+                         f"{f(r['fid_centre'])} | {f(r['fid_bottom'])} | {f(r['acc_own'], '{:.3f}')} | "
+                         f"{f(r.get('acc_edit_centre', float('nan')), '{:.3f}')} | "
+                         f"{f(r.get('acc_edit_bottom', float('nan')), '{:.3f}')} | "
+                         f"{f(r.get('s_per_img', float('nan')), '{:.4f}')} | {r.get('knobs', '–')} |")
+        lines += ["", "Grids (columns: input, centre mask, in-painted, bottom mask, out-painted, class-edited centre, "
+                  "class-edited bottom; rows: evenly spaced inputs; a grey cell = refused):", ""]
+        for r in rows:
+            if "grid" not in r:
+                continue
+            lines.append(f"- `{r['name']}`: ![{r['name']}]({r['grid']}) (class-edit targets, top to bottom: "
+                         f"{r['grid_targets']}; total {r['total_s']:.0f} s)")
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text("\n".join(lines) + "\n")
+        out_md.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
     for spec in a.runs:
         name, _, ckpt = spec.partition("=")
@@ -107,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rec = torch.cat([pipe.edit(x[s:s + a.batch], torch.zeros(1, 1, S, S), y[s:s + a.batch], output="uint8")
                          for s in range(0, len(x), a.batch)])
+        steps = read_checkpoint(Path(ckpt)).get("global_step")
         row = {"name": name, "model": type(pipe.generator).__name__, "ckpt": ckpt, "knobs": pipe.sample_kwargs,
+               "steps": steps,
                "size": S, "fid_recon": fid(rec, S)}
         edits, n_img, t_edit = {}, 0, 0.0
         for key, mask, lab in (("inpaint", m["centre"], y), ("outpaint", m["bottom"], y),
@@ -145,42 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         row["grid"] = png.name
         row["grid_targets"] = target[grid_rows].tolist()
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("refused")}), flush=True)
+        write_report()
 
-    def f(v, fmt="{:.2f}"):
-        if v is None:
-            return "refused (raster order)"
-        return "–" if v != v else fmt.format(v)  # nan: not applicable
-
-    lines = [
-        "# Zero-shot editing on digits (issue 18)", "",
-        "Made by `python " + " ".join(["benchmarks/editing_digits.py"] + (argv if argv is not None else sys.argv[1:]))
-        + "` (one thread). Inputs: the 360 val + test images (never trained on). Masks: the centre 16x16 box "
-        "(in-painting) and the bottom half (out-painting) of the image; class editing regenerates the same "
-        "regions as another digit (target = (y + 1 + i mod 9) mod 10). Judge: the shipped digits classifier "
-        "(`genmodels/evaluation`): FID on its 64-d features against the 1,437 train images (N = 360, so compare "
-        "within this table only), accuracy = fraction of images it reads as the requested digit. Knobs: each "
-        "checkpoint's `sample_kwargs` (the genmodels sampling convention), seed " + str(a.seed) + ". Pixel models "
-        "(FractalMAR) work on the 8 px digits: their rows compare with the 8 px reference row only.", "",
-        "| run | generator | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
-        "| class-edit acc centre ↑ | class-edit acc bottom ↑ | s/img (edit) | knobs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r.get('model', '–')} | {f(r.get('fid_recon', float('nan')))} | "
-                     f"{f(r['fid_centre'])} | {f(r['fid_bottom'])} | {f(r['acc_own'], '{:.3f}')} | "
-                     f"{f(r.get('acc_edit_centre', float('nan')), '{:.3f}')} | "
-                     f"{f(r.get('acc_edit_bottom', float('nan')), '{:.3f}')} | "
-                     f"{f(r.get('s_per_img', float('nan')), '{:.4f}')} | {r.get('knobs', '–')} |")
-    lines += ["", "Grids (columns: input, centre mask, in-painted, bottom mask, out-painted, class-edited centre, "
-              "class-edited bottom; rows: every 36th image; a grey cell = refused):", ""]
-    for r in rows:
-        if "grid" not in r:
-            continue
-        lines.append(f"- `{r['name']}`: ![{r['name']}]({r['grid']}) (class-edit targets, top to bottom: "
-                     f"{r['grid_targets']}; total {r['total_s']:.0f} s)")
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text("\n".join(lines) + "\n")
-    out_md.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     print(f"-> {out_md}")
     return 0
 
