@@ -51,13 +51,15 @@ def masks(S: int) -> dict[str, torch.Tensor]:
     return {"centre": centre, "bottom": bottom}
 
 
-def run_edit(pipe, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int, batch: int):
+def run_edit(pipe, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int, batch: int,
+             footprint: str = "any"):
     """uint8 edits of x (N, 3, S, S) uint8, in batches, one generator for the whole run; None if refused."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     try:
         for s in range(0, len(x), batch):
-            out.append(pipe.edit(x[s:s + batch], mask, labels[s:s + batch], generator=gen, output="uint8"))
+            out.append(pipe.edit(x[s:s + batch], mask, labels[s:s + batch], generator=gen, output="uint8",
+                                 footprint=footprint))
     except GenmodelsError as e:
         return None, str(e)
     return torch.cat(out), None
@@ -65,18 +67,28 @@ def run_edit(pipe, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, se
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", metavar="NAME=CKPT")
+    ap.add_argument("runs", nargs="+", metavar="NAME=CKPT[@all]",
+                    help="a checkpoint to edit with; @all: a token is regenerated only when all its pixels are masked")
     ap.add_argument("--out", default="benchmarks/results/editing_digits.md")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--grid-rows", type=int, default=10)
     ap.add_argument("--num", type=int, default=360, help="edit the first NUM of the 360 val + test images")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--append", action="store_true", help="add the runs to the rows already in --out's .json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out_md = Path(a.out)
     judge = build_feature_extractor("digits-classifier").eval()
     rows, data = [], {}
+    command = " ".join(["python benchmarks/editing_digits.py"] + (argv if argv is not None else sys.argv[1:]))
+    commands = [command]
+    old = out_md.with_suffix(".json")
+    if a.append and old.is_file():
+        saved = json.loads(old.read_text())
+        if isinstance(saved, list):  # the first version wrote the rows alone
+            saved = {"commands": [], "rows": saved}
+        rows, commands = saved["rows"], saved["commands"] + commands
 
     def feats(u8: torch.Tensor):
         return extract(judge, u8)
@@ -96,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             x, y = images[idx], labels[idx]
             data[S] = {"x": x, "y": y, "target": (y + 1 + torch.arange(len(y)) % 9) % 10,
                        "ref": feature_statistics(feats(images[splits["train"]]).features)}
-            rows.append({"name": f"unedited val+test images ({S} px, N={len(x)})", "fid_centre": fid(x, S),
-                         "fid_bottom": fid(x, S), "acc_own": acc(x, y)})
+            name = f"unedited val+test images ({S} px, N={len(x)})"
+            if not any(r["name"] == name for r in rows):
+                rows.append({"name": name, "fid_centre": fid(x, S), "fid_bottom": fid(x, S), "acc_own": acc(x, y)})
         return data[S]
 
     def write_report() -> None:
@@ -109,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         lines = [
             "# Zero-shot editing on digits (issue 18)", "",
-            "Made by `python " + " ".join(["benchmarks/editing_digits.py"] + (argv if argv is not None else sys.argv[1:]))
-            + "` (one thread). Inputs: the first " + str(a.num) + " of the 360 val + test images (never trained on). "
+            "Made by " + ", then ".join(f"`{c}`" for c in commands) + " (one thread each). Inputs: the first " + str(a.num) + " of the 360 val + test images (never trained on). "
             "Masks: the centre box of half the side (in-painting) and the bottom half (out-painting); class editing "
             "regenerates the same regions as another digit (target = (y + 1 + i mod 9) mod 10). Judge: the shipped "
             "digits classifier (`genmodels/evaluation`): FID on its 64-d features against the 1,437 train images "
@@ -118,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             "digit. Knobs: each checkpoint's `sample_kwargs` (the genmodels sampling convention), seed " + str(a.seed)
             + ". Pixel models (FractalMAR) work on the 8 px digits: compare their rows with the 8 px reference row. "
             "FID recon: the tokenizer's reconstructions of the same images (an all-zero mask).", "",
-            "| run | generator | steps | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
+            "| run | generator | steps | footprint | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
             "| class-edit acc centre ↑ | class-edit acc bottom ↑ | s/img (edit) | knobs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | "
+            lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | {r.get('footprint', '–')} | "
                          f"{f(r.get('fid_recon', float('nan')))} | "
                          f"{f(r['fid_centre'])} | {f(r['fid_bottom'])} | {f(r['acc_own'], '{:.3f}')} | "
                          f"{f(r.get('acc_edit_centre', float('nan')), '{:.3f}')} | "
@@ -138,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['grid_targets']}; total {r['total_s']:.0f} s)")
         out_md.parent.mkdir(parents=True, exist_ok=True)
         out_md.write_text("\n".join(lines) + "\n")
-        out_md.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+        out_md.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1,
+                                                          default=str) + "\n")
 
     for spec in a.runs:
         name, _, ckpt = spec.partition("=")
+        ckpt, _, footprint = ckpt.partition("@")  # NAME=CKPT@all: the "all" footprint rule
+        footprint = footprint or "any"
         pipe = genmodels.load(ckpt)
         S = int(getattr(pipe.tokenizer, "image_size", None) or pipe.tokenizer.spec.image_size)
         d = digits(S)
@@ -152,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                          for s in range(0, len(x), a.batch)])
         steps = read_checkpoint(Path(ckpt)).get("global_step")
         row = {"name": name, "model": type(pipe.generator).__name__, "ckpt": ckpt, "knobs": pipe.sample_kwargs,
-               "steps": steps,
+               "steps": steps, "footprint": footprint,
                "size": S, "fid_recon": fid(rec, S)}
         edits, n_img, t_edit = {}, 0, 0.0
         for key, mask, lab in (("inpaint", m["centre"], y), ("outpaint", m["bottom"], y),
                                ("edit_centre", m["centre"], target), ("edit_bottom", m["bottom"], target)):
             t = time.perf_counter()
-            out, why = run_edit(pipe, x, mask, lab, a.seed, a.batch)
+            out, why = run_edit(pipe, x, mask, lab, a.seed, a.batch, footprint)
             if out is not None:
                 t_edit += time.perf_counter() - t
                 n_img += len(out)

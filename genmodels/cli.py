@@ -273,6 +273,8 @@ def edit_main(argv: list[str]) -> None:
     ap.add_argument("--class", dest="class_id", type=int, required=True, help="class to generate in the masked region")
     ap.add_argument("--out", default="edited.png", help="output PNG (default edited.png)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--footprint", choices=("any", "all"), default="any",
+                    help="a token is regenerated when any (default) / all of its pixels are masked")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones (--ckpt)")
     ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
@@ -304,7 +306,7 @@ def edit_main(argv: list[str]) -> None:
     if not 0 <= a.class_id < max(pipe.num_classes, 1):
         raise GenmodelsError(f"--class: {a.class_id} outside [0, {pipe.num_classes}) (the model's classes)")
     gen = torch.Generator(device=pipe.device).manual_seed(a.seed)
-    out = pipe.edit(image, mask, [a.class_id], generator=gen, output="uint8", **knobs)
+    out = pipe.edit(image, mask, [a.class_id], generator=gen, output="uint8", footprint=a.footprint, **knobs)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(out[0].permute(1, 2, 0).cpu().numpy()).save(a.out)
     print(f"genmodels edit: {int(mask.sum())} of {mask.numel()} pixels regenerated as class {a.class_id} -> {a.out}; "

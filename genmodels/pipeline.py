@@ -219,7 +219,7 @@ class Pipeline:
 
     @torch.no_grad()
     def edit_tokens(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | Sequence[int] | int, *,
-                    generator: torch.Generator | None = None, **knobs: Any
+                    generator: torch.Generator | None = None, footprint: str = "any", **knobs: Any
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``edit`` in token space: returns (the images' tokens, the token mask (B, L) bool, the
         edited tokens). The tokens come from ``tokenizer.encode`` (a KL-VAE's posterior mean)."""
@@ -229,7 +229,7 @@ class Pipeline:
                                  "MaskGIT, MAR, VAR and the causal AR have it)")
         images, mask, labels = self._edit_inputs(images, mask, labels)
         spec = self.tokenizer.spec
-        tmask = token_mask(mask, spec.shapes, type(self.tokenizer).__name__)
+        tmask = token_mask(mask, spec.shapes, type(self.tokenizer).__name__, footprint)
         if hasattr(self.tokenizer, "sample_posterior"):  # KL-VAE: the posterior mean, deterministic
             tokens = self.tokenizer.encode(images, sample=False)
         else:
@@ -239,7 +239,8 @@ class Pipeline:
 
     @torch.no_grad()
     def edit(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | Sequence[int] | int, *,
-             generator: torch.Generator | None = None, output: str = "float", **knobs: Any) -> torch.Tensor:
+             generator: torch.Generator | None = None, output: str = "float", footprint: str = "any",
+             **knobs: Any) -> torch.Tensor:
         """Zero-shot editing: regenerate the masked part of ``images`` as class ``labels``.
 
         images (B, 3, H, W) float in [-1, 1] or uint8; mask (B, 1, H, W) (or (1, 1, H, W) for all),
@@ -249,29 +250,40 @@ class Pipeline:
         others, every random draw from ``generator``; ``knobs`` override ``sample_kwargs`` (the
         ``genmodels.sampling`` convention). Tokens outside the mask are the image's own, so an
         all-zero mask returns the tokenizer's reconstruction and an all-one mask ``sample``'s
-        images for the same seed. ``output``: ``float`` [-1, 1] or ``uint8``."""
+        images for the same seed. ``output``: ``float`` [-1, 1] or ``uint8``; ``footprint``: ``any``
+        or ``all`` masked pixels make a token regenerated (``token_mask``)."""
         if output not in ("float", "uint8"):
             raise GenmodelsError(f"output must be 'float' or 'uint8', got {output!r}")
-        _, _, edited = self.edit_tokens(images, mask, labels, generator=generator, **knobs)
+        _, _, edited = self.edit_tokens(images, mask, labels, generator=generator, footprint=footprint, **knobs)
         out = self.tokenizer.decode(edited).float().clamp(-1, 1)
         return quantize_uint8(out) if output == "uint8" else out
 
 
 # ---------------------------------------------------------------------- genmodels checkpoints
 
-def token_mask(mask: torch.Tensor, shapes: Sequence[Sequence[int]], tokenizer: str = "the tokenizer") -> torch.Tensor:
+FOOTPRINTS = ("any", "all")
+
+
+def token_mask(mask: torch.Tensor, shapes: Sequence[Sequence[int]], tokenizer: str = "the tokenizer",
+               footprint: str = "any") -> torch.Tensor:
     """Pixel mask (B, 1, H, W) (nonzero = regenerate) -> token mask (B, L) bool in the tokens'
     order (scales concatenated coarse to fine, each in raster order; ``shapes`` = the
     ``TokenSpec.shapes``). Token (i, j) of an h x w grid covers the pixel rows
-    floor(i H / h) .. ceil((i + 1) H / h) - 1 and likewise the columns (adaptive max pooling), and
-    is regenerated when any of them is masked. A 1D token sequence (TiTok) has no footprint:
-    a ``GenmodelsError`` naming ``tokenizer``."""
+    floor(i H / h) .. ceil((i + 1) H / h) - 1 and likewise the columns (adaptive pooling), and
+    is regenerated when any of them is masked (``footprint="any"``, the default), or, with
+    ``footprint="all"``, only when all of them are (a multi-scale tokenizer then keeps the
+    coarse tokens that straddle the mask's border). A 1D token sequence (TiTok) has no
+    footprint: a ``GenmodelsError`` naming ``tokenizer``."""
+    if footprint not in FOOTPRINTS:
+        raise GenmodelsError(f"footprint must be one of {FOOTPRINTS}, got {footprint!r}")
     if any(len(s) != 2 for s in shapes):
         raise GenmodelsError(f"{tokenizer} gives 1D tokens (shapes={tuple(tuple(s) for s in shapes)}): no token has "
                              "a spatial footprint, so a pixel mask cannot choose the tokens to regenerate; editing "
                              "needs a tokenizer with a 2D token grid")
-    m = mask.float()
-    return torch.cat([F.adaptive_max_pool2d(m, tuple(s)).flatten(1) > 0 for s in shapes], dim=1)
+    m = mask.float() > 0
+    if footprint == "all":  # all masked <=> no pixel unmasked
+        return torch.cat([F.adaptive_max_pool2d((~m).float(), tuple(s)).flatten(1) == 0 for s in shapes], dim=1)
+    return torch.cat([F.adaptive_max_pool2d(m.float(), tuple(s)).flatten(1) > 0 for s in shapes], dim=1)
 
 
 # ---------------------------------------------------------------------- genmodels checkpoints

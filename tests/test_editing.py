@@ -152,6 +152,11 @@ def test_footprint_per_scale():
     assert eight.view(8, 8).nonzero().tolist() == [[2, 2]]
     # pixel ids tokens (Pixels(output="ids"): (S, 3S), R G B of a pixel side by side)
     assert token_mask(m, ((S, 3 * S),))[0].view(S, 3 * S).nonzero().tolist() == [[5, 15], [5, 16], [5, 17]]
+    # footprint="all": only tokens whose every pixel is masked (the 2x2 pixel block of token (2, 2))
+    assert not token_mask(m, ((1, 1), (3, 3), (8, 8)), footprint="all").any()
+    m[0, 0, 4:6, 4:6] = 1
+    t = token_mask(m, ((1, 1), (3, 3), (8, 8)), footprint="all")[0]
+    assert t[:10].sum() == 0 and t[10:].view(8, 8).nonzero().tolist() == [[2, 2]]
     assert not token_mask(torch.zeros(2, 1, S, S), ((8, 8),)).any()
     assert token_mask(torch.ones(2, 1, S, S), ((2, 2), (8, 8))).all()
 
@@ -171,6 +176,17 @@ def test_tokens_outside_the_mask_are_the_images(pipes, name):
     out = p.edit(x, m, [0, 1, 2, 1], generator=gen(0))
     assert out.shape == x.shape and out.abs().max() <= 1
     torch.testing.assert_close(out[2], reconstruction(p, x)[2], rtol=0, atol=1e-5)  # the all-zero row
+
+
+def test_footprint_all_keeps_the_coarse_scales(pipes):
+    """VAR with footprint="all": the coarse tokens that straddle the box are kept, exactly."""
+    p = pipe_of(pipes, "var")
+    tokens, tmask, edited = p.edit_tokens(images(2), centre(), 1, generator=gen(0), footprint="all")
+    assert tmask[:, :5].sum() == 0 and tmask[:, 5:14].nonzero()[:, 1].tolist() == [4, 4]  # 3x3: the centre only
+    assert tmask[:, 14:].sum(1).tolist() == [16, 16]
+    assert torch.equal(edited[~tmask], tokens[~tmask]) and not torch.equal(edited, tokens)
+    with pytest.raises(GenmodelsError, match="footprint must be one of"):
+        p.edit(images(1), centre(), 0, footprint="some")
 
 
 @pytest.mark.parametrize("name", ALL)
