@@ -189,6 +189,15 @@ def test_footprint_all_keeps_the_coarse_scales(pipes):
         p.edit(images(1), centre(), 0, footprint="some")
 
 
+def test_fractalmar_more_steps_than_masked_patches(pipes):
+    """8 level-0 steps for the 4 patches of the centre box: the steps with nothing to draw pass."""
+    p = pipe_of(pipes, "fractalmar")
+    x = images(1, 8)
+    tokens, tmask, edited = p.edit_tokens(x, centre(1, 8), 1, generator=gen(0), num_steps=8)
+    assert torch.equal(per_token(edited)[~tmask], per_token(tokens)[~tmask])
+    assert not torch.equal(per_token(edited)[tmask], per_token(tokens)[tmask])
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_all_zero_mask_gives_the_reconstruction(pipes, name):
     p = pipe_of(pipes, name)

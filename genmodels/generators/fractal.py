@@ -389,6 +389,8 @@ class MARLevel(nn.Module):
             mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
             to_pred = mask.bool() if step >= num_iter - 1 else mask.bool() ^ mask_next.bool()
             mask = mask_next
+            if not to_pred.any():  # more steps than patches to generate (editing a small region)
+                continue
             sel = both(to_pred).nonzero(as_tuple=True)
             w = guidance_weight(cfg, schedule, (M - mask_len) / M) if guided else 1.0
             if known is None:
