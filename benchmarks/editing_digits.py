@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         lines = [
             "# Zero-shot editing on digits (issue 18)", "",
-            "Made by " + ", then ".join(f"`{c}`" for c in commands) + " (one thread each). Inputs: the first " + str(a.num) + " of the 360 val + test images (never trained on). "
+            "Made by " + ", then ".join(f"`{c}`" for c in commands) + " (one thread each). Inputs: the first N (column N) of the 360 val + test images (never trained on). "
             "Masks: the centre box of half the side (in-painting) and the bottom half (out-painting); class editing "
             "regenerates the same regions as another digit (target = (y + 1 + i mod 9) mod 10). Judge: the shipped "
             "digits classifier (`genmodels/evaluation`): FID on its 64-d features against the 1,437 train images "
@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             "digit. Knobs: each checkpoint's `sample_kwargs` (the genmodels sampling convention), seed " + str(a.seed)
             + ". Pixel models (FractalMAR) work on the 8 px digits: compare their rows with the 8 px reference row. "
             "FID recon: the tokenizer's reconstructions of the same images (an all-zero mask).", "",
-            "| run | generator | steps | footprint | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
+            "| run | generator | steps | footprint | N | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
             "| class-edit acc centre ↑ | class-edit acc bottom ↑ | s/img (edit) | knobs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | {r.get('footprint', '–')} | "
+                         f"{r.get('num', 360) if 'model' in r else r['name'].split('N=')[-1].rstrip(')')} | "
                          f"{f(r.get('fid_recon', float('nan')))} | "
                          f"{f(r['fid_centre'])} | {f(r['fid_bottom'])} | {f(r['acc_own'], '{:.3f}')} | "
                          f"{f(r.get('acc_edit_centre', float('nan')), '{:.3f}')} | "
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                          for s in range(0, len(x), a.batch)])
         steps = read_checkpoint(Path(ckpt)).get("global_step")
         row = {"name": name, "model": type(pipe.generator).__name__, "ckpt": ckpt, "knobs": pipe.sample_kwargs,
-               "steps": steps, "footprint": footprint,
+               "steps": steps, "footprint": footprint, "num": len(x),
                "size": S, "fid_recon": fid(rec, S)}
         edits, n_img, t_edit = {}, 0, 0.0
         for key, mask, lab in (("inpaint", m["centre"], y), ("outpaint", m["bottom"], y),
