@@ -67,7 +67,7 @@ def run_edit(pipe, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, se
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", metavar="NAME=CKPT[@all]",
+    ap.add_argument("runs", nargs="*", metavar="NAME=CKPT[@all]",
                     help="a checkpoint to edit with; @all: a token is regenerated only when all its pixels are masked")
     ap.add_argument("--out", default="benchmarks/results/editing_digits.md")
     ap.add_argument("--seed", type=int, default=0)
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-rows", type=int, default=10)
     ap.add_argument("--num", type=int, default=360, help="edit the first NUM of the 360 val + test images")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--append", action="store_true", help="add the runs to the rows already in --out's .json")
+    ap.add_argument("--append", action="store_true", help="add the runs to the rows already in --out's .json "
+                    "(without runs: rewrite the markdown from it)")
+    ap.add_argument("--notes", help="a markdown file whose text is put under the table")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out_md = Path(a.out)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(old.read_text())
         if isinstance(saved, list):  # the first version wrote the rows alone
             saved = {"commands": [], "rows": saved}
-        rows, commands = saved["rows"], saved["commands"] + commands
+        rows, commands = saved["rows"], saved["commands"] + (commands if a.runs else [])
 
     def feats(u8: torch.Tensor):
         return extract(judge, u8)
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             lines.append(f"- `{r['name']}`: ![{r['name']}]({r['grid']}) (class-edit targets, top to bottom: "
                          f"{r['grid_targets']}; total {r['total_s']:.0f} s)")
+        if a.notes:
+            lines += ["", Path(a.notes).read_text().strip()]
         out_md.parent.mkdir(parents=True, exist_ok=True)
         out_md.write_text("\n".join(lines) + "\n")
         out_md.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1,
@@ -208,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("refused")}), flush=True)
         write_report()
 
+    if not a.runs:
+        write_report()
     print(f"-> {out_md}")
     return 0
 
