@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
         lines = [
             "# Zero-shot editing on digits (issue 18)", "",
-            "Made by " + ", then ".join(f"`{c}`" for c in commands) + " (one thread each). Inputs: the first N (column N) of the 360 val + test images (never trained on). "
+            "Made by " + ", then ".join(f"`{c}`" for c in commands) + " (one thread each). "
+            "Inputs: the first N (column N) of the 360 val + test images (never trained on). "
             "Masks: the centre box of half the side (in-painting) and the bottom half (out-painting); class editing "
             "regenerates the same regions as another digit (target = (y + 1 + i mod 9) mod 10). Judge: the shipped "
             "digits classifier (`genmodels/evaluation`): FID on its 64-d features against the 1,437 train images "
@@ -132,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             "digit. Knobs: each checkpoint's `sample_kwargs` (the genmodels sampling convention), seed " + str(a.seed)
             + ". Pixel models (FractalMAR) work on the 8 px digits: compare their rows with the 8 px reference row. "
             "FID recon: the tokenizer's reconstructions of the same images (an all-zero mask).", "",
-            "| run | generator | steps | footprint | N | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ | acc own class (in-paint) "
+            "| run | generator | steps | footprint | N | FID recon | FID in-paint centre ↓ | FID out-paint bottom ↓ "
+            "| acc own class (in-paint) "
             "| class-edit acc centre ↑ | class-edit acc bottom ↑ | s/img (edit) | knobs |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | {r.get('footprint', '–')} | "
+            lines.append(f"| {r['name']} | {r.get('model', '–')} | {r.get('steps', '–')} | "
+                         f"{r.get('footprint', '–')} | "
                          f"{r.get('num', 360) if 'model' in r else r['name'].split('N=')[-1].rstrip(')')} | "
                          f"{f(r.get('fid_recon', float('nan')))} | "
                          f"{f(r['fid_centre'])} | {f(r['fid_bottom'])} | {f(r['acc_own'], '{:.3f}')} | "

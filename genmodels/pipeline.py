@@ -193,14 +193,14 @@ class Pipeline:
         B, H, W = images.shape[0], images.shape[2], images.shape[3]
         size = getattr(self.tokenizer, "image_size", None) or self.tokenizer.spec.image_size
         if size is not None and (H, W) != (size, size):
-            raise GenmodelsError(f"edit: the images are {H}x{W} but the tokenizer {type(self.tokenizer).__name__} takes "
-                                 f"{size}x{size}")
+            raise GenmodelsError(f"edit: the images are {H}x{W} but the tokenizer {type(self.tokenizer).__name__} "
+                                 f"takes {size}x{size}")
         mask = torch.as_tensor(mask)
         while mask.ndim < 4:
             mask = mask[None] if mask.ndim != 3 else mask[:, None]
         if tuple(mask.shape[2:]) != (H, W):
-            raise GenmodelsError(f"edit: the mask is {mask.shape[2]}x{mask.shape[3]} but the images are {H}x{W}; give a "
-                                 f"mask (B, 1, {H}, {W}) with 1 = regenerate")
+            raise GenmodelsError(f"edit: the mask is {mask.shape[2]}x{mask.shape[3]} but the images are {H}x{W}; "
+                                 f"give a mask (B, 1, {H}, {W}) with 1 = regenerate")
         if mask.shape[1] != 1 or mask.shape[0] not in (1, B):
             raise GenmodelsError(f"edit: mask must be (B, 1, H, W) or (1, 1, H, W) for {B} images, got "
                                  f"{tuple(mask.shape)}")
