@@ -247,6 +247,72 @@ def sample_main(argv: list[str]) -> None:
           f"{ {**pipe.sample_kwargs, **knobs} }")
 
 
+def edit_main(argv: list[str]) -> None:
+    """``genmodels edit --ckpt X --image in.png --mask mask.png --class 3 --out out.png`` (or
+    ``--official var-d16 --weights DIR``): zero-shot in-/out-painting and class-conditional editing
+    (``Pipeline.edit``). The mask is a PNG of the image's size, white = regenerate; ``--class``
+    is the class to generate there (the image's own to in-/out-paint, another to edit the class).
+    ``--set cfg=2.5`` overrides a knob."""
+    import argparse
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from genmodels.pipeline import from_official, load
+    from genmodels.utils.images import load_png
+
+    ap = argparse.ArgumentParser(prog="genmodels edit", description=edit_main.__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a `genmodels fit` checkpoint of a GeneratorModule")
+    src.add_argument("--official", help="an official model: var-d16 .. var-d30, mar-base / mar-large / mar-huge")
+    ap.add_argument("--weights", help="folder with the official files (with --official)")
+    ap.add_argument("--download", action="store_true", help="fetch the official files into the cache (--official)")
+    ap.add_argument("--image", required=True, help="the image to edit (PNG / JPEG of the model's size)")
+    ap.add_argument("--mask", required=True, help="mask image of the same size: white (> 127) = regenerate")
+    ap.add_argument("--class", dest="class_id", type=int, required=True, help="class to generate in the masked region")
+    ap.add_argument("--out", default="edited.png", help="output PNG (default edited.png)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--footprint", choices=("any", "all"), default="any",
+                    help="a token is regenerated when any (default) / all of its pixels are masked")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones (--ckpt)")
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="override a sampling knob, e.g. --set cfg=2.5 (YAML values)")
+    a = ap.parse_args(argv)
+    knobs = {}
+    for kv in a.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise GenmodelsError(f"--set expects KNOB=VALUE, got {kv!r}")
+        knobs[k.strip()] = yaml.safe_load(v)
+    arrays = {}
+    for field, path in (("--image", a.image), ("--mask", a.mask)):
+        if not Path(path).is_file():
+            raise GenmodelsError(f"{field}: file not found: {path}")
+        try:
+            arrays[field] = load_png(path) if field == "--image" else np.asarray(Image.open(path).convert("L"))
+        except OSError as e:
+            raise GenmodelsError(f"{field}: {path} is not an image ({one_line(e)[:200]})") from None
+    image = torch.from_numpy(arrays["--image"].copy()).permute(2, 0, 1)[None]      # (1, 3, H, W) uint8
+    mask = torch.from_numpy(arrays["--mask"] > 127)[None, None]                    # (1, 1, H, W) bool
+    if tuple(mask.shape[2:]) != tuple(image.shape[2:]):
+        raise GenmodelsError(f"--mask: {a.mask} is {mask.shape[2]}x{mask.shape[3]} but --image {a.image} is "
+                             f"{image.shape[2]}x{image.shape[3]}; give a mask of the image's size")
+    if a.ckpt:
+        pipe = load(a.ckpt, ema=not a.no_ema, device=a.device)
+    else:
+        pipe = from_official(a.official, a.weights, download=a.download, device=a.device)
+    if not 0 <= a.class_id < max(pipe.num_classes, 1):
+        raise GenmodelsError(f"--class: {a.class_id} outside [0, {pipe.num_classes}) (the model's classes)")
+    gen = torch.Generator(device=pipe.device).manual_seed(a.seed)
+    out = pipe.edit(image, mask, [a.class_id], generator=gen, output="uint8", footprint=a.footprint, **knobs)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(out[0].permute(1, 2, 0).cpu().numpy()).save(a.out)
+    print(f"genmodels edit: {int(mask.sum())} of {mask.numel()} pixels regenerated as class {a.class_id} -> {a.out}; "
+          f"knobs { {**pipe.sample_kwargs, **knobs} }")
+
+
 def compare_main(argv: list[str]) -> None:
     """``genmodels compare -c PRESET ...`` (genmodels/compare.py): its own argument parser, not LightningCLI."""
     from genmodels.compare import main as run
@@ -278,7 +344,8 @@ def main(args: list[str] | None = None) -> None:
     from genmodels.training.quiet import silence_known_noise
     silence_known_noise()  # exact messages Lightning / torch print on every run (see genmodels/training/quiet.py)
     argv = sys.argv[1:] if args is None else list(args)
-    extra = {"evaluate": evaluate_main, "sample": sample_main, "compare": compare_main}  # beside LightningCLI's
+    extra = {"evaluate": evaluate_main, "sample": sample_main, "edit": edit_main,
+             "compare": compare_main}  # beside LightningCLI's
     if argv[:1] and argv[0] in extra:
         return report_user_mistakes(lambda: extra[argv[0]](argv[1:]))
     report_user_mistakes(lambda: GenmodelsCLI(

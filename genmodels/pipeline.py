@@ -16,6 +16,13 @@ holds the per-class sample indices [b S, (b + 1) S); it is ONE batch of S labels
 c, drawn with a fresh ``torch.Generator`` seeded with ``seed_for(seed, c, b)``
 (``sample_block``). Sample i of class c is therefore the same image whatever other classes,
 counts or ranks are asked for (on the same device type and knobs).
+
+**Zero-shot editing** (``Pipeline.edit``, as in the VAR and MaskGIT papers): in-painting,
+out-painting and class-conditional editing with a model trained only for class-conditional
+generation. The pixel mask (1 = regenerate) becomes a token mask (``token_mask``: a token is
+regenerated when any pixel of its footprint is masked, each scale of a multi-scale tokenizer with
+its own footprint), and the generator's ``edit_tokens`` regenerates the masked tokens given the
+others, the way its paper does (see each generator's ``edit_tokens``).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genmodels.errors import GenmodelsError
@@ -165,6 +173,117 @@ class Pipeline:
         if not images:
             raise GenmodelsError("sample_classes: no classes or n_per_class = 0")
         return torch.cat(images), torch.cat(labels)
+
+    # ------------------------------------------------------------------ zero-shot editing
+    def _edit_inputs(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | Sequence[int] | int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked (float images (B, 3, H, W) in [-1, 1], bool mask (B, 1, H, W), labels (B,))."""
+        images = torch.as_tensor(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise GenmodelsError(f"edit: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1
+        elif not images.dtype.is_floating_point:
+            raise GenmodelsError(f"edit: images must be uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")
+        elif images.numel() and (images.min() < -1.001 or images.max() > 1.001):
+            raise GenmodelsError(f"edit: float images must lie in [-1, 1], got [{float(images.min()):.3g}, "
+                                 f"{float(images.max()):.3g}]")
+        B, H, W = images.shape[0], images.shape[2], images.shape[3]
+        size = getattr(self.tokenizer, "image_size", None) or self.tokenizer.spec.image_size
+        if size is not None and (H, W) != (size, size):
+            raise GenmodelsError(f"edit: the images are {H}x{W} but the tokenizer {type(self.tokenizer).__name__} "
+                                 f"takes {size}x{size}")
+        mask = torch.as_tensor(mask)
+        while mask.ndim < 4:
+            mask = mask[None] if mask.ndim != 3 else mask[:, None]
+        if tuple(mask.shape[2:]) != (H, W):
+            raise GenmodelsError(f"edit: the mask is {mask.shape[2]}x{mask.shape[3]} but the images are {H}x{W}; "
+                                 f"give a mask (B, 1, {H}, {W}) with 1 = regenerate")
+        if mask.shape[1] != 1 or mask.shape[0] not in (1, B):
+            raise GenmodelsError(f"edit: mask must be (B, 1, H, W) or (1, 1, H, W) for {B} images, got "
+                                 f"{tuple(mask.shape)}")
+        mask = (mask.float() > 0.5).expand(B, 1, H, W)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(B)
+        if labels.shape[0] != B:
+            raise GenmodelsError(f"edit: {labels.shape[0]} labels for {B} images")
+        n = self.num_classes
+        if labels.numel() and (labels.min() < 0 or labels.max() > n):
+            raise GenmodelsError(f"edit: labels must lie in [0, {n}) (the model's classes; {n} = unconditional), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+        dev = self.device
+        return images.to(dev), mask.to(dev), labels.to(dev)
+
+    @torch.no_grad()
+    def edit_tokens(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | Sequence[int] | int, *,
+                    generator: torch.Generator | None = None, footprint: str = "any", **knobs: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``edit`` in token space: returns (the images' tokens, the token mask (B, L) bool, the
+        edited tokens). The tokens come from ``tokenizer.encode`` (a KL-VAE's posterior mean)."""
+        edit = getattr(self.generator, "edit_tokens", None)
+        if edit is None:
+            raise GenmodelsError(f"{type(self.generator).__name__} has no zero-shot editing in genmodels (edit_tokens: "
+                                 "MaskGIT, MAR, VAR and the causal AR have it)")
+        images, mask, labels = self._edit_inputs(images, mask, labels)
+        spec = self.tokenizer.spec
+        tmask = token_mask(mask, spec.shapes, type(self.tokenizer).__name__, footprint)
+        if hasattr(self.tokenizer, "sample_posterior"):  # KL-VAE: the posterior mean, deterministic
+            tokens = self.tokenizer.encode(images, sample=False)
+        else:
+            tokens = self.tokenizer.encode(images)
+        edited = edit(tokens, tmask, labels, generator=generator, **{**self.sample_kwargs, **knobs})
+        return tokens, tmask, edited
+
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | Sequence[int] | int, *,
+             generator: torch.Generator | None = None, output: str = "float", footprint: str = "any",
+             **knobs: Any) -> torch.Tensor:
+        """Zero-shot editing: regenerate the masked part of ``images`` as class ``labels``.
+
+        images (B, 3, H, W) float in [-1, 1] or uint8; mask (B, 1, H, W) (or (1, 1, H, W) for all),
+        1 = regenerate; labels (B,) or one int: the class to generate in the masked region (the
+        image's own for in-/out-painting, another for class-conditional editing). The masked
+        tokens (``token_mask``) are regenerated by the generator's ``edit_tokens`` given the
+        others, every random draw from ``generator``; ``knobs`` override ``sample_kwargs`` (the
+        ``genmodels.sampling`` convention). Tokens outside the mask are the image's own, so an
+        all-zero mask returns the tokenizer's reconstruction and an all-one mask ``sample``'s
+        images for the same seed. ``output``: ``float`` [-1, 1] or ``uint8``; ``footprint``: ``any``
+        or ``all`` masked pixels make a token regenerated (``token_mask``)."""
+        if output not in ("float", "uint8"):
+            raise GenmodelsError(f"output must be 'float' or 'uint8', got {output!r}")
+        _, _, edited = self.edit_tokens(images, mask, labels, generator=generator, footprint=footprint, **knobs)
+        out = self.tokenizer.decode(edited).float().clamp(-1, 1)
+        return quantize_uint8(out) if output == "uint8" else out
+
+
+# ---------------------------------------------------------------------- genmodels checkpoints
+
+FOOTPRINTS = ("any", "all")
+
+
+def token_mask(mask: torch.Tensor, shapes: Sequence[Sequence[int]], tokenizer: str = "the tokenizer",
+               footprint: str = "any") -> torch.Tensor:
+    """Pixel mask (B, 1, H, W) (nonzero = regenerate) -> token mask (B, L) bool in the tokens'
+    order (scales concatenated coarse to fine, each in raster order; ``shapes`` = the
+    ``TokenSpec.shapes``). Token (i, j) of an h x w grid covers the pixel rows
+    floor(i H / h) .. ceil((i + 1) H / h) - 1 and likewise the columns (adaptive pooling), and
+    is regenerated when any of them is masked (``footprint="any"``, the default), or, with
+    ``footprint="all"``, only when all of them are (a multi-scale tokenizer then keeps the
+    coarse tokens that straddle the mask's border). A 1D token sequence (TiTok) has no
+    footprint: a ``GenmodelsError`` naming ``tokenizer``."""
+    if footprint not in FOOTPRINTS:
+        raise GenmodelsError(f"footprint must be one of {FOOTPRINTS}, got {footprint!r}")
+    if any(len(s) != 2 for s in shapes):
+        raise GenmodelsError(f"{tokenizer} gives 1D tokens (shapes={tuple(tuple(s) for s in shapes)}): no token has "
+                             "a spatial footprint, so a pixel mask cannot choose the tokens to regenerate; editing "
+                             "needs a tokenizer with a 2D token grid")
+    m = mask.float() > 0
+    if footprint == "all":  # all masked <=> no pixel unmasked
+        return torch.cat([F.adaptive_max_pool2d((~m).float(), tuple(s)).flatten(1) == 0 for s in shapes], dim=1)
+    return torch.cat([F.adaptive_max_pool2d(m.float(), tuple(s)).flatten(1) > 0 for s in shapes], dim=1)
 
 
 # ---------------------------------------------------------------------- genmodels checkpoints

@@ -86,3 +86,21 @@ class Generator(ConfigMixin, nn.Module):
             if a != b:
                 raise GenmodelsError(f"generator {type(self).__name__} was built for tokens with {name}={a}, but the "
                                      f"tokenizer gives {name}={b}; set the generator's init_args to match the tokenizer")
+
+
+def raster_suffix_start(mask: torch.Tensor, who: str) -> torch.Tensor:
+    """Where the regenerated tokens start in each row of a raster-order (causal) model.
+
+    mask (B, N) bool, True = regenerate -> P (B,) int64 such that row b regenerates exactly the
+    tokens P[b] .. N-1 (out-painting of a region after everything known, in raster order).
+    Any other mask is a ``GenmodelsError``: a causal model conditions token i on tokens < i
+    only, so it cannot use known tokens that come after a regenerated one (in-painting)."""
+    mask = mask.bool()
+    N = mask.shape[1]
+    start = torch.where(mask.any(1), mask.int().argmax(1), N)  # first regenerated token (N: none)
+    suffix = torch.arange(N, device=mask.device)[None, :] >= start[:, None]
+    if not bool((suffix == mask).all()):
+        raise GenmodelsError(f"{who} generates tokens in raster order, each from the ones before it only, so it "
+                             "can only out-paint a region that comes after everything known (e.g. the bottom rows); "
+                             "this mask keeps known tokens after masked ones (in-painting)")
+    return start

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels import sampling
-from genmodels.generators.base import Generator
+from genmodels.generators.base import Generator, raster_suffix_start
 from genmodels.nn.attention import Block, KVCache
 from genmodels.tokenizers.base import TokenSpec
 
@@ -148,7 +148,8 @@ class CausalAR(Generator):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "constant",
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_steps: int | None = None,
-               generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+               generator: torch.Generator | None = None, use_cache: bool = True,
+               known_prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Ancestral sampling in raster order, one token per step.
 
         Args:
@@ -164,6 +165,8 @@ class CausalAR(Generator):
                 fresh randomly seeded one if None.
             use_cache: KV-cache decoding (one ``KVCache`` per block, only the newest token is
                 fed); ``False`` recomputes the whole prefix each step -- same tokens.
+            known_prefix: (B, P) tokens 0..P-1, given (out-painting, ``edit_tokens``): they are
+                fed in one pass and only tokens P..N-1 are sampled.
         Returns tokens (B, N) int64. Call in eval mode (dropout off).
         """
         if num_steps is not None and num_steps != self.seq_len:
@@ -181,11 +184,13 @@ class CausalAR(Generator):
         guided = cfg != 1.0
         cond_labels = sampling.with_null(labels, self.num_classes) if guided else labels
         caches = [KVCache() for _ in self.blocks] if use_cache else None
-        tokens = torch.empty(B, 0, dtype=torch.long, device=device)
-        for i in range(N):
+        tokens = torch.empty(B, 0, dtype=torch.long, device=device) if known_prefix is None else \
+            known_prefix.to(device=device, dtype=torch.long)
+        P = tokens.shape[1]
+        for i in range(P, N):
             prefix = torch.cat([tokens, tokens]) if guided else tokens
-            if use_cache:
-                x = self._inputs(cond_labels, prefix[:, -1:] if i else prefix, start=i)
+            if use_cache:  # the first step feeds [class, known prefix], later ones the newest token
+                x = self._inputs(cond_labels, prefix[:, -1:] if i > P else prefix, start=i if i > P else 0)
                 logits = self._transformer(x, caches)[:, -1].float()
             else:
                 logits = self._transformer(self._inputs(cond_labels, prefix))[:, -1].float()
@@ -195,3 +200,17 @@ class CausalAR(Generator):
             nxt = sampling.sample_categorical(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         return tokens
+
+    @torch.no_grad()
+    def edit_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, **knobs) -> torch.Tensor:
+        """Zero-shot out-painting: the tokens before the first masked one (raster order) are
+        given, the rest are sampled (``sample(known_prefix=...)``). tokens (B, N), mask (B, N)
+        bool (True = regenerate), labels (B,). Only a mask that is a raster suffix works: a
+        causal model cannot condition on the future, so in-painting is a ``GenmodelsError``
+        (``raster_suffix_start``). Rows with different starts are edited one at a time."""
+        self.check_inputs(tokens, labels.long())
+        start = raster_suffix_start(mask.to(tokens.device), "CausalAR")
+        if bool((start != start[0]).any()):
+            return torch.cat([self.edit_tokens(tokens[i:i + 1], mask[i:i + 1], labels[i:i + 1], **knobs)
+                              for i in range(tokens.shape[0])])
+        return self.sample(labels, known_prefix=tokens[:, :int(start[0])], **knobs)

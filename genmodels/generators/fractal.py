@@ -358,9 +358,15 @@ class MARLevel(nn.Module):
     @torch.no_grad()
     def sample(self, cond_list: list, guided: bool, cfg: float, schedule: str, num_iter: int,
                next_sample: NextSample, generator: torch.Generator | None = None, *, temperature: float = 1.0,
-               filter_threshold: float = 1e-4) -> torch.Tensor:
+               filter_threshold: float = 1e-4, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """MAR's cosine schedule over ``min(L, num_iter)`` steps; the patches chosen at a step are
-        sampled together by the next level. cond (N or 2N, c) -> (N, 3, H, W)."""
+        sampled together by the next level. cond (N or 2N, c) -> (N, 3, H, W).
+
+        ``known`` = (images (N, 3, H, W), pixel mask (N, 1, H, W) bool, True = generate): editing
+        (``FractalGen.edit_tokens``). Only the patches with a masked pixel are generated (known
+        patches are visible), masked-first in the random order, the schedule over their count M
+        (the same in every row); ``next_sample`` then also gets the selected patches' known
+        pixels and masks (``(patches (k, 3, p, p), masks (k, 1, p, p))``)."""
         cond = cond_list[0]
         n = cond.shape[0] // 2 if guided else cond.shape[0]
         L, p, device = self.seq_len, self.patch_size, cond.device
@@ -371,18 +377,31 @@ class MARLevel(nn.Module):
         mask = torch.ones(n, L, device=device)
         patches = cond.new_zeros(n, L, 3 * p * p)
         orders = self.sample_orders(n, device, generator)
+        if known is not None:
+            patches = patchify(known[0], p).to(patches.dtype)
+            pixel_mask = patchify(known[1].float().expand(-1, 3, -1, -1), p)  # (n, L, 3 p p)
+            mask = (pixel_mask > 0).any(-1).float()
+            orders = orders.gather(1, (1 - mask).gather(1, orders).argsort(dim=1, stable=True))
+        M = int(mask[0].sum())  # patches to generate (L when sampling)
         num_iter = min(L, num_iter)
-        for step in range(num_iter):
+        for step in range(num_iter if M else 0):
             both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
             conds = self.predict(both(patches), both(mask), cond_list)
-            mask_len = math.floor(L * math.cos(math.pi / 2. * (step + 1) / num_iter))
+            mask_len = math.floor(M * math.cos(math.pi / 2. * (step + 1) / num_iter))
             mask_len = max(1, min(int(mask[0].sum()) - 1, mask_len))
             mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
             to_pred = mask.bool() if step >= num_iter - 1 else mask.bool() ^ mask_next.bool()
             mask = mask_next
+            if not to_pred.any():  # more steps than patches to generate (editing a small region)
+                continue
             sel = both(to_pred).nonzero(as_tuple=True)
-            w = guidance_weight(cfg, schedule, (L - mask_len) / L) if guided else 1.0
-            sampled = next_sample([c[sel] for c in conds], w)
+            w = guidance_weight(cfg, schedule, (M - mask_len) / M) if guided else 1.0
+            if known is None:
+                sampled = next_sample([c[sel] for c in conds], w)
+            else:
+                at = to_pred.nonzero(as_tuple=True)
+                sampled = next_sample([c[sel] for c in conds], w, (patches[at].reshape(-1, 3, p, p),
+                                                                   pixel_mask[at].reshape(-1, 3, p, p)[:, :1] > 0))
             patches[to_pred.nonzero(as_tuple=True)] = sampled.reshape(sampled.shape[0], -1).to(patches.dtype)
         return unpatchify(patches, p)
 
@@ -431,6 +450,42 @@ def _fractal_sample(level: nn.Module, depth: int, cond_list: list, guided: bool,
     extra = dict(temperature=knobs["temperature"], filter_threshold=knobs["filter_threshold"]) \
         if isinstance(gen, MARLevel) else {}
     return gen.sample(cond_list, guided, cfg, schedule, knobs["num_iter_list"][depth], next_sample, generator, **extra)
+
+
+def _fractal_edit(level: nn.Module, depth: int, cond_list: list, guided: bool, cfg: float, schedule: str,
+                  knobs: dict, generator: torch.Generator | None, images: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """``_fractal_sample`` for items with known pixels: images (N, 3, H, W) normalised, mask (N, 1, H, W)
+    bool (True = generate). Fully masked items are sampled together exactly as ``_fractal_sample``
+    does; fully known ones are returned as they are; the others, one at a time, by the level's
+    MAR with the known patches visible, each selected patch going down with its known pixels."""
+    n = images.shape[0]
+    flat = mask.flatten(1)
+    full, partial = flat.all(1), flat.any(1) & ~flat.all(1)
+    out = images.clone()
+
+    def rows(idx: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.cat([c[idx], c[n:][idx]]) if guided else c[idx] for c in cond_list]
+
+    if bool(full.any()):
+        idx = full.nonzero()[:, 0]
+        out[idx] = _fractal_sample(level, depth, rows(idx), guided, cfg, schedule, knobs, generator).to(out.dtype)
+    nxt = level.next_fractal
+    for i in partial.nonzero()[:, 0].tolist():
+        def next_sample(conds, w, sub_known):
+            if isinstance(nxt, PixelLoss):  # single pixels: a selected one is masked, nothing is known
+                return nxt.sample(conds, guided, w, knobs["temperature"], knobs["filter_threshold"], generator)
+            return _fractal_edit(nxt, depth + 1, conds, guided, w, "constant", knobs, generator, *sub_known)
+        gen = level.generator
+        if not isinstance(gen, MARLevel):
+            raise GenmodelsError("FractalGen editing needs MAR levels (FractalMAR): an AR level generates its patches "
+                                 "in raster order and cannot use known patches after a masked one")
+        idx = torch.tensor([i], device=images.device)
+        out[i:i + 1] = gen.sample(rows(idx), guided, cfg, schedule, knobs["num_iter_list"][depth], next_sample,
+                                  generator, temperature=knobs["temperature"],
+                                  filter_threshold=knobs["filter_threshold"],
+                                  known=(images[i:i + 1], mask[i:i + 1])).to(out.dtype)
+    return out
 
 
 class FractalGen(Generator):
@@ -583,7 +638,8 @@ class FractalGen(Generator):
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
                num_steps: int | Sequence[int] | None = None, num_iter_list: Sequence[int] | None = None,
                guidance_schedule: str = "linear", filter_threshold: float = 1e-4,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Depth-first sampling -> normalised images (B, 3, S, S).
 
         Args:
@@ -597,6 +653,8 @@ class FractalGen(Generator):
                 an int sets level 0 only.
             filter_threshold: the CFG filter (official 1e-4).
             generator: every draw comes from it.
+            known: (images (B, 3, S, S) normalised, pixel mask (B, 1, S, S) bool, True = generate):
+                editing (``edit_tokens``), ``_fractal_edit``.
         """
         self.check_inputs(None, labels)
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -615,4 +673,22 @@ class FractalGen(Generator):
         if guided:
             emb = torch.cat([emb, self.fake_latent.expand(labels.shape[0], -1).to(emb.dtype)])
         knobs = dict(temperature=temperature, filter_threshold=filter_threshold, num_iter_list=steps)
+        if known is not None:
+            return _fractal_edit(self, 0, [emb] * 5, guided, cfg, guidance_schedule, knobs, generator, *known)
         return _fractal_sample(self, 0, [emb] * 5, guided, cfg, guidance_schedule, knobs, generator)
+
+    @torch.no_grad()
+    def edit_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, **knobs) -> torch.Tensor:
+        """Zero-shot editing with FractalMAR (the paper's in-/out-painting): tokens = normalised
+        images (B, 3, S, S), mask (B, S*S) bool per pixel (True = regenerate), labels (B,); ``knobs``
+        as ``sample``. At every level the patches with a masked pixel are generated by its MAR with
+        the known patches visible, each going down with its known pixels; so every masked pixel is
+        drawn and every known one kept. An all-True mask gives ``sample``'s images for the same seed.
+        AR levels (FractalAR) are refused: a raster order cannot use known patches after a masked one."""
+        if any(t != "mar" for t in self.generator_type_list[:-1]):
+            raise GenmodelsError(f"FractalGen editing needs MAR levels (FractalMAR); this one has "
+                                 f"generator_type_list={self.generator_type_list}: an AR level generates in raster "
+                                 "order and cannot use known patches after a masked one")
+        self.check_inputs(tokens, labels)
+        B, S = tokens.shape[0], self.img_size_list[0]
+        return self.sample(labels, known=(tokens, mask.to(tokens.device).bool().view(B, 1, S, S)), **knobs)

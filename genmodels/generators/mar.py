@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from genmodels import sampling
 from genmodels.errors import GenmodelsError
-from genmodels.generators.base import Generator
+from genmodels.generators.base import Generator, raster_suffix_start
 from genmodels.losses.diffusion import DiffLoss
 from genmodels.nn.attention import Block, KVCache
 from genmodels.nn.vit import xavier_init_
@@ -381,17 +381,19 @@ class MAR(Generator):
             return logits.argmax(-1)
         return sampling.sample_categorical(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def _cfg_at(self, cfg: float, still_masked: int, schedule: str) -> float:
-        """Guidance weight when ``still_masked`` tokens remain masked after this step
-        (progress (L - still_masked) / L, ``sampling.guidance_weight``)."""
-        return sampling.guidance_weight(cfg, schedule, (self.seq_len - still_masked) / self.seq_len)
+    def _cfg_at(self, cfg: float, still_masked: int, schedule: str, total: int | None = None) -> float:
+        """Guidance weight when ``still_masked`` of ``total`` (default L) tokens remain masked
+        after this step (progress (total - still_masked) / total, ``sampling.guidance_weight``)."""
+        total = total or self.seq_len
+        return sampling.guidance_weight(cfg, schedule, (total - still_masked) / total)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
                num_steps: int | None = None, generator: torch.Generator | None = None,
                guidance_schedule: str | None = None, num_sampling_steps: str | int | None = None,
                orders: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0,
-               cfg_schedule: str | None = None) -> torch.Tensor:
+               cfg_schedule: str | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
         """Generate tokens (B, L, C) (or (B, L) ids) for ``labels`` (B,) (``num_classes`` = unconditional).
 
         ``num_steps``: autoregressive steps (``num_iter``, default ``self.num_iter``; the causal
@@ -401,6 +403,10 @@ class MAR(Generator):
         ``temperature``: DiffLoss noise scale (or softmax temperature for the CE head);
         ``top_k`` / ``top_p``: CE head only (0 / 1.0 = off); ``num_sampling_steps``: diffusion
         steps per token (default: the model's); ``orders`` (B, L): fixed generation orders.
+        ``known`` = (tokens, mask): zero-shot editing (``edit_tokens``): start from ``tokens``
+        (B, L[, C]) with only the ``mask`` (B, L) bool positions (True = generate, the same count
+        M in every row) masked; each order is stably re-sorted to put them first, and the
+        schedule and the guidance progress run over M instead of L.
         """
         if cfg_schedule is not None and guidance_schedule is not None and cfg_schedule != guidance_schedule:
             raise GenmodelsError(f"MAR.sample: guidance_schedule={guidance_schedule!r} and its alias "
@@ -418,7 +424,9 @@ class MAR(Generator):
         cls = self.class_embedding(labels)
         if guided:
             cls = torch.cat([cls, self.fake_latent.expand(B, -1).to(cls.dtype)])
-        if self.discrete:
+        if known is not None:
+            tokens = known[0].to(device=device, dtype=torch.long if self.discrete else self.fake_latent.dtype).clone()
+        elif self.discrete:
             tokens = torch.zeros(B, L, dtype=torch.long, device=device)
         else:
             tokens = torch.zeros(B, L, self.token_embed_dim, device=device, dtype=self.fake_latent.dtype)
@@ -427,33 +435,40 @@ class MAR(Generator):
             return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps, top_k, top_p)
 
         if self.attention == "causal":
-            return self._sample_causal(tokens, cls, guided, cfg, schedule, draw)
+            start = 0 if known is None else int(raster_suffix_start(known[1], "MAR(attention='causal')")[0])
+            return self._sample_causal(tokens, cls, guided, cfg, schedule, draw, start)
 
         num_iter = int(num_steps or self.num_iter)
         if orders is None:
             orders = self.sample_orders(B, device, generator)
         orders = orders.to(device)
-        mask = torch.ones(B, L, dtype=torch.bool, device=device)
-        for step in range(num_iter):
+        mask = torch.ones(B, L, dtype=torch.bool, device=device) if known is None else known[1].to(device).bool()
+        if known is not None:  # the positions to generate first in each order, keeping their relative order
+            orders = orders.gather(1, (~mask).gather(1, orders).int().argsort(dim=1, stable=True))
+        M = int(mask[0].sum())  # tokens to generate (L when sampling)
+        for step in range(num_iter if M else 0):
             tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
             z = self.forward_mae_decoder(self.forward_mae_encoder(tok_in, mask_in, cls), mask_in)
             # mask ratio for the next round (MaskGIT cosine), at least one token fewer
             n_masked = int(mask[0].sum())
-            mask_len = max(1, min(n_masked - 1, math.floor(L * math.cos(math.pi / 2.0 * (step + 1) / num_iter))))
+            mask_len = max(1, min(n_masked - 1, math.floor(M * math.cos(math.pi / 2.0 * (step + 1) / num_iter))))
             mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], True)
             to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
             mask = mask_next
             if not to_pred.any():
                 continue
             z_pred = torch.cat([z[:B][to_pred], z[B:][to_pred]]) if guided else z[to_pred]
-            tokens[to_pred] = draw(z_pred, self._cfg_at(cfg, mask_len, schedule)).to(tokens.dtype)
+            tokens[to_pred] = draw(z_pred, self._cfg_at(cfg, mask_len, schedule, M)).to(tokens.dtype)
         return tokens
 
     def _sample_causal(self, tokens: torch.Tensor, cls: torch.Tensor, guided: bool, cfg: float, schedule: str,
-                       draw: Callable[[torch.Tensor, float], torch.Tensor]) -> torch.Tensor:
-        """Raster decoding with a KV cache: step i feeds x_{i-1} (the class rows at i = 0)."""
+                       draw: Callable[[torch.Tensor, float], torch.Tensor], start: int = 0) -> torch.Tensor:
+        """Raster decoding with a KV cache: step i feeds x_{i-1} (the class rows at i = 0); the
+        tokens before ``start`` are known (out-painting) and only fed."""
         B, L = tokens.shape[0], self.seq_len
         for i, z in enumerate(self.causal_z_incremental(cls, lambda i: tokens[:, i])):
+            if i < start:
+                continue
             z_pred = z if guided else z[:B]
             tokens[:, i] = draw(z_pred, self._cfg_at(cfg, L - i - 1, schedule)).to(tokens.dtype)
         return tokens
@@ -473,6 +488,26 @@ class MAR(Generator):
                     prev = torch.cat([prev] * (Bc // prev.shape[0]))
                 h = self.forward_causal(self.embed_tokens(prev[:, None]), self.buffer_size + i - 1, caches)
             yield h[:, -1] + self.diffusion_pos_embed_learned[:, i]
+
+    @torch.no_grad()
+    def edit_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, **knobs) -> torch.Tensor:
+        """Zero-shot editing (in-/out-painting, class-conditional editing): the known tokens are
+        visible to the encoder, only the masked ones are generated, in a random order with the
+        usual cosine schedule over their count (``sample(known=...)``).
+
+        tokens (B, L, C) or (B, L) ids of the image, mask (B, L) bool (True = regenerate),
+        labels (B,); ``knobs`` as ``sample``. Rows with different masked counts are edited one
+        at a time (the encoder drops the masked rows, so a batch needs one count). Returns
+        tokens equal to ``tokens`` outside the mask; an all-True mask gives ``sample``'s tokens.
+        The causal variant (``attention="causal"``) only out-paints a raster suffix
+        (``raster_suffix_start``): it cannot condition on the future."""
+        self.spec.check(tokens)
+        mask = mask.to(tokens.device).bool()
+        counts = raster_suffix_start(mask, "MAR(attention='causal')") if self.attention == "causal" else mask.sum(1)
+        if bool((counts != counts[0]).any()):
+            return torch.cat([self.edit_tokens(tokens[i:i + 1], mask[i:i + 1], labels[i:i + 1], **knobs)
+                              for i in range(tokens.shape[0])])
+        return self.sample(labels, known=(tokens, mask), **knobs)
 
 
 def mar_base(**kwargs) -> MAR:

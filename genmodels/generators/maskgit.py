@@ -254,7 +254,7 @@ class MaskGIT(Generator):
                generator: torch.Generator | None = None, guidance_schedule: str = "linear",
                guidance_pow: float = 3.0, choice_temperature: float = 4.5, randomize_temperature: float | None = None,
                softmax_temperature_annealing: bool = False, mask_schedule: str | None = None,
-               decoding: str = "titok", return_history: bool = False
+               decoding: str = "titok", return_history: bool = False, known: torch.Tensor | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Iterative confidence-based decoding (paper Sec. 3.2; ``ImageBert.generate``).
 
@@ -279,7 +279,11 @@ class MaskGIT(Generator):
         (paper). ``num_steps`` = T (8). All noise comes from ``generator`` (a fresh
         randomly seeded one if None), never torch's global RNG.
 
-        Args: labels (B,) in [0, C] (C = null class, i.e. unconditional samples).
+        Args: labels (B,) in [0, C] (C = null class, i.e. unconditional samples); ``known``
+        (B, N) ids: start decoding from these instead of an all-[MASK] canvas (zero-shot
+        editing, ``edit_tokens``): only its [MASK] (= K) positions are generated, and the
+        schedule runs over each row's masked count M (``mask_len = floor(M gamma(ratio))``;
+        M = N without ``known``).
         Returns tokens (B, N) int64 in [0, K); with ``return_history`` also the list of the
         (B, N) ids after each step ([MASK] = K).
         """
@@ -302,7 +306,11 @@ class MaskGIT(Generator):
             generator = torch.Generator(device=device)
             generator.seed()
         B, N = labels.shape[0], self.seq_len
-        ids = torch.full((B, N), self.mask_token_id, dtype=torch.long, device=device)
+        if known is None:
+            ids = torch.full((B, N), self.mask_token_id, dtype=torch.long, device=device)
+        else:
+            ids = known.to(device=device, dtype=torch.long).clone()
+        n_total = (ids == self.mask_token_id).sum(-1, keepdim=True)  # M per row (N when sampling)
         history = []
         for step in range(num_steps):
             ratio = (step + 1) / num_steps
@@ -326,11 +334,24 @@ class MaskGIT(Generator):
             else:
                 score = torch.where(is_mask, score, torch.inf)
                 n_masked = is_mask.sum(-1, keepdim=True)
-                mask_len = torch.full_like(n_masked, math.floor(N * mask_ratio(ratio, mask_schedule)))
+                mask_len = torch.floor(n_total.double() * mask_ratio(ratio, mask_schedule)).long()
                 mask_len = torch.minimum(mask_len, n_masked - 1).clamp(min=1)
                 confidence = score + tau * gumbel_noise(tuple(score.shape), generator, device) if tau != 0 else score
                 cut_off = confidence.sort(dim=-1).values.gather(-1, mask_len - 1)
-                ids = torch.where(confidence <= cut_off, self.mask_token_id, sampled)
+                ids = torch.where((confidence <= cut_off) & is_mask, self.mask_token_id, sampled)
             if return_history:
                 history.append(ids.clone())
         return (ids, history) if return_history else ids
+
+    @torch.no_grad()
+    def edit_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, **knobs) -> torch.Tensor:
+        """Zero-shot editing (in-/out-painting, class-conditional editing, as in the MaskGIT paper):
+        decoding starts from the image's tokens with only the masked ones set to [MASK], and the
+        mask schedule runs over the masked count (``sample(known=...)``).
+
+        tokens (B, N) ids of the image, mask (B, N) bool (True = regenerate), labels (B,) the
+        class to generate; ``knobs`` as ``sample``. Returns (B, N) ids, equal to ``tokens``
+        outside the mask; an all-True mask gives exactly ``sample``'s tokens for the same seed."""
+        self.check_inputs(tokens, labels.long())
+        mask = mask.to(tokens.device).bool()
+        return self.sample(labels, known=torch.where(mask, self.mask_token_id, tokens.long()), **knobs)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels import sampling
+from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
 from genmodels.nn.adaln import modulate
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
@@ -382,7 +383,8 @@ class VAR(Generator):
     def autoregressive_infer_cfg(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",
                                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                                  generator: torch.Generator | None = None, more_smooth: bool = False,
-                                 use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                 use_cache: bool = True, known: tuple[torch.Tensor, torch.Tensor] | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-scale sampling (official ``VAR.autoregressive_infer_cfg``).
 
         For each scale k = 0..K-1: run the transformer on scale k's input (keys/values of
@@ -399,6 +401,10 @@ class VAR(Generator):
         guidance_schedule="linear"`` (its ``(1 + t) cond - t uncond`` with t = c k / (K-1));
         its ``top_p = 0`` (off) is our ``top_p = 1``. README FID setting: c = 1.5, top_k 900,
         top_p 0.96, i.e. ``cfg=2.5, guidance_schedule="linear", top_k=900, top_p=0.96``.
+
+        ``known`` = (tokens (B, L), mask (B, L) bool, True = generate): zero-shot editing
+        (``edit_tokens``): at every scale the drawn codes outside the mask are replaced by the
+        image's own codes of that scale (teacher forcing) before f_hat accumulates them.
 
         labels (B,) int64 (``num_classes`` = unconditional). Returns (tokens (B, L) int64,
         f_hat (B, Cvae, pn_K, pn_K)); with ``more_smooth`` (visualisation only) f_hat comes
@@ -448,6 +454,9 @@ class VAR(Generator):
             # in place, as the official sample_with_top_k_top_p_: the smoothed codes below see the mask
             sampling.filter_logits_(logits_BlV, top_k, top_p)
             idx_Bl = sampling.sample_categorical(logits_BlV, generator)
+            if known is not None:
+                bg, ed = self.begin_ends[si]
+                idx_Bl = torch.where(known[1][:, bg:ed], idx_Bl, known[0][:, bg:ed])
             tokens.append(idx_Bl)
             if not more_smooth:
                 h_BlC = quant.embedding(idx_Bl)
@@ -486,6 +495,23 @@ class VAR(Generator):
         self._check_steps(kwargs.pop("num_steps", None))
         _, f_hat = self.autoregressive_infer_cfg(labels, **kwargs)
         return self.tokenizer.fhat_to_img(f_hat).clamp(-1, 1)
+
+    @torch.no_grad()
+    def edit_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
+                    num_steps: int | None = None, **knobs: Any) -> torch.Tensor:
+        """Zero-shot in-/out-painting and class-conditional editing (the paper's zero-shot generalisation): at every
+        scale the tokens outside the mask are teacher-forced to the image's own tokens of that
+        scale and the masked ones are sampled; the accumulated f_hat (the next scale's input)
+        follows the mixed codes. tokens (B, L) the image's pyramid (``encode``), mask (B, L) bool
+        (True = regenerate; each scale its own footprint), labels (B,); ``knobs`` as ``sample``.
+        An all-True mask gives exactly ``sample``'s tokens for the same seed."""
+        self._check_steps(num_steps)
+        if knobs.get("more_smooth"):
+            raise GenmodelsError("VAR.edit_tokens: more_smooth mixes codes for visualisation; editing teacher-forces "
+                                 "codes, leave more_smooth off")
+        self.check_inputs(tokens, labels.long())
+        known = (tokens.long(), mask.to(tokens.device).bool())
+        return self.autoregressive_infer_cfg(labels, known=known, **knobs)[0]
 
     def _check_steps(self, num_steps: int | None) -> None:
         if num_steps is not None and num_steps != len(self.patch_nums):
