@@ -157,3 +157,21 @@ def test_from_official_fractal_pipeline_replays_the_official_sampler(tmp_path, m
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     want = ((rec["sample_cfg"] * std + mean) * 255).round()
     assert torch.equal(images.float(), want)
+
+    # ``genmodels edit --official NAME --weights DIR`` goes through the same loader: the known pixels
+    # of the image come back unchanged, and the output is the pipeline's own edit for that seed
+    import numpy as np
+    from PIL import Image
+
+    from genmodels.cli import main
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "in.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:] = 255                                    # out-paint the bottom half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    main(["edit", "--official", "fractalmar-tiny", "--weights", str(tmp_path), "--image", str(tmp_path / "in.png"),
+          "--mask", str(tmp_path / "mask.png"), "--class", "3", "--out", str(tmp_path / "out.png"), "--seed", "5",
+          "--device", "cpu"])
+    out = torch.from_numpy(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(out[:, :4], images[0, :, :4])
+    m = torch.from_numpy(mask > 0).view(1, 1, 8, 8).float()
+    assert torch.equal(out, pipe.edit(images[:1], m, [3], generator=torch.Generator().manual_seed(5), output="uint8")[0])
