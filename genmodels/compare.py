@@ -39,8 +39,8 @@ A run outside is refused with a ``GenmodelsError`` giving the numbers.
 
 Keys: a training is keyed by the sha256 of its resolved config (the YAMLs and overrides composed
 by the CLI's own parser, dumped as ``--print_config`` does, with the run folder and the
-tokenizer checkpoint replaced by placeholders -- the tokenizer by its own key), so a rerun skips
-finished trainings (``train.json``, written atomically), resumes interrupted ones from
+tokenizer checkpoint replaced by placeholders -- the tokenizer by its own key -- and so is the run's name in its
+progress line), so a rerun skips finished trainings (``train.json``, written atomically), resumes interrupted ones from
 ``last.ckpt``, and adding a run trains only that one. Sampling knobs are not part of the
 training key: rows that differ only in sampling share one training. A score is keyed by the
 training key, the checkpoint step, the judge settings and the sampling knobs.
@@ -76,6 +76,7 @@ from genmodels.errors import GenmodelsError
 
 RUN_DIR = "__COMPARE_RUN_DIR__"          # placeholder of the run folder inside a keyed config
 TOKENIZER = "__COMPARE_TOKENIZER_{}__"   # placeholder of a tokenizer checkpoint (its digest inside)
+RUN_NAME = "__COMPARE_RUN_NAME__"        # placeholder of the progress line's name (names are not part of a key)
 OPTIMIZER_OF_MODULE = {"genmodels.training.GeneratorModule": "AdamW", "genmodels.training.TokenizerModule": "AdamW",
                        "genmodels.training.generator_module.GeneratorModule": "AdamW"}
 _print_lock = threading.Lock()
@@ -454,11 +455,11 @@ class Compare:
         files.append(str(self._write_override(gen, f"{label}.seed{seed}.paths.yaml", paths)))
         return files
 
-    def _callbacks(self, name: str, steps: int, curve_every: int) -> list:
+    def _callbacks(self, steps: int, curve_every: int) -> list:
         cbs = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                 "init_args": {"dirpath": f"{RUN_DIR}/checkpoints", "save_last": True, "save_top_k": 0,
                               "enable_version_counter": False}},  # a resumed run overwrites, never last-v1.ckpt
-               {"class_path": "genmodels.compare.CompareProgress", "init_args": {"name": name, "total_steps": steps}}]
+               {"class_path": "genmodels.compare.CompareProgress", "init_args": {"name": RUN_NAME, "total_steps": steps}}]
         if curve_every:
             cbs.insert(1, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": f"{RUN_DIR}/checkpoints", "filename": "step_{step:07d}",
@@ -495,11 +496,11 @@ class Compare:
                 continue
             steps = _get(nest(spec.get("overrides") or {}), "trainer.max_steps")
             files = self._common_files(t.label, t.files, spec.get("overrides") or {}, None, p.seed,
-                                       self._callbacks(t.label, int(steps or 0), 0), None)
+                                       self._callbacks(int(steps or 0), 0), None)
             text, cfg = self.resolver(files, f"tokenizer {key!r}")
             if not steps:  # the steps come from its own files: rebuild the progress callback with them
                 files = self._common_files(t.label, t.files, spec.get("overrides") or {}, None, p.seed,
-                                           self._callbacks(t.label, int(_get(cfg, "trainer.max_steps", 0)), 0), None)
+                                           self._callbacks(int(_get(cfg, "trainer.max_steps", 0)), 0), None)
                 text, _ = self.resolver(files, f"tokenizer {key!r}")
             self.tok_of[key] = self._register(t, text)
         b = p.budget
@@ -519,7 +520,7 @@ class Compare:
                     self.rows.append(Row(spec, seed, t, dict(spec.get("sampling") or {})))
                     continue
                 files = self._common_files(f"{_slug(spec['name'])}", t.files, spec.get("overrides") or {}, budget_file,
-                                           seed, self._callbacks(spec["name"], int(b["steps"]), int(b["curve_every"])), tok,
+                                           seed, self._callbacks(int(b["steps"]), int(b["curve_every"])), tok,
                                            spec.get("data"))
                 text, cfg = self.resolver(files, f"run {spec['name']!r}")
                 if fixed and not _get(cfg, "model.init_args.tokenizer"):
@@ -581,7 +582,7 @@ class Compare:
     def _materialise(self, t: Training) -> Path:
         """The training's runnable config: its canonical text with the placeholders filled in."""
         t.dir.mkdir(parents=True, exist_ok=True)
-        text = t.text.replace(RUN_DIR, str(t.dir))
+        text = t.text.replace(RUN_DIR, str(t.dir)).replace(RUN_NAME, json.dumps(t.label))  # a JSON string is YAML
         if t.tokenizer is not None:
             text = text.replace(TOKENIZER.format(t.tokenizer.key), str(t.tokenizer.last_ckpt))
         path = t.dir / "config.yaml"

@@ -4,6 +4,7 @@ from last.ckpt, an added run that alone is trained); every shipped preset and ab
 budget check."""
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 from pathlib import Path
@@ -81,6 +82,24 @@ def test_keys_follow_the_resolved_training_config_only(tmp_path, resolver):
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(raw))
     k3, _ = keys(tmp_path / "q.yaml", tmp_path / "a")
     assert k3["maskgit"] == k1["maskgit"] and k3["causal_ar"] != k1["causal_ar"]
+    # a sampling sweep: rows with other names and knobs share the training (the name is only in the
+    # progress line, filled in when the config is written); the tokenizer's key name does not count
+    swept = copy.deepcopy(raw)
+    sweep = copy.deepcopy(swept["runs"][0])
+    sweep.update(name="maskgit, 2 steps", sampling={"num_steps": 2, "cfg": 1.0})
+    swept["runs"].append(sweep)
+    swept["tokenizers"]["vq2d"] = swept["tokenizers"].pop("vq")
+    for r in swept["runs"]:
+        r["tokenizer"] = "vq2d" if r["tokenizer"] == "vq" else r["tokenizer"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(swept))
+    c = Compare(Preset(tmp_path / "s.yaml", output_dir=str(tmp_path / "a")), resolver)
+    c.plan()
+    ks = {r.spec["name"]: r.training for r in c.rows}
+    assert ks["maskgit, 2 steps"] is ks["maskgit"] and ks["maskgit"].key == k1["maskgit"]
+    assert c.tok_of["vq2d"].key == tok1
+    written = yaml.safe_load(c._materialise(ks["maskgit"]).read_text())
+    progress = [cb["init_args"] for cb in written["trainer"]["callbacks"] if cb["class_path"].endswith("CompareProgress")]
+    assert progress[0]["name"] == "maskgit" and progress[0]["total_steps"] == 4
     raw["tokenizers"]["vq"]["overrides"]["trainer.max_steps"] = 5          # another tokenizer: new generator keys
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     k4, tok4 = keys(tmp_path / "r.yaml", tmp_path / "a")
