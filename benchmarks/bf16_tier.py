@@ -62,6 +62,13 @@ def measure(fns: dict, repeats: int) -> dict:
     return {k: dict(median_s=statistics.median(v), min_s=min(v), max_s=max(v)) for k, v in times.items()}
 
 
+def forget_models() -> None:
+    """Both official repositories name their package ``models``: drop the one imported first."""
+    for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+        del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if not Path(p, "models").is_dir() or Path(p).resolve() == ROOT]
+
+
 def cpu_flags() -> list[str]:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -158,6 +165,7 @@ def mar_measures(args) -> dict:
     spec = importlib.util.spec_from_file_location("record_mar", ROOT / "scripts" / "record_fixtures" / "mar.py")
     rec = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rec)
+    forget_models()
     _, mar_mod, _ = rec.import_official(args.official_mar)
     from genmodels.checkpoints.mar import mar_kwargs
     from genmodels.generators.mar import MAR

@@ -86,7 +86,7 @@ def build_var(args, dev):
     from genmodels.generators.var import VAR
     from genmodels.tokenizers.multiscale_vq import VQVAE
 
-    depth, ch, pn = (2, 16, (1, 2, 3, 4)) if args.dry_run else (16, 160, PN_256)
+    depth, ch, pn = (2, 32, (1, 2, 3, 4)) if args.dry_run else (16, 160, PN_256)
     vae_kw = dict(vocab_size=4096, z_channels=32, ch=ch, share_quant_resi=4, v_patch_nums=pn, test_mode=True)
     var_kw = dict(num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.0,
                   patch_nums=pn)
@@ -133,6 +133,9 @@ def build_mar(args, dev):
             rec = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(rec)
             rec.stub_torchvision()
+            for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+                del sys.modules[name]  # the official VAR's package has the same name
+            sys.path[:] = [p for p in sys.path if not Path(p, "models").is_dir() or Path(p).resolve() == ROOT]
             sys.path.insert(0, str(args.official_mar))
             if dev.type != "cuda":
                 torch.Tensor.cuda = lambda self, *a, **k: self  # the official sampler calls .cuda()

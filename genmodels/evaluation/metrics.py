@@ -210,8 +210,8 @@ def _distance_blocks(A: _BlockedSet, i: int, B: _BlockedSet, j: int, both: bool
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Squared distances of A's block i to B's block j (ADM ``DistanceBlock``) from ONE
     matmul: ``d`` (n_i, n_j) = ``max(|a|^2 - 2 a.b + |b|^2, 0)`` and, with ``both``, the
-    block (j, i) laid out as (n_i, n_j), ``e = max(|b|^2 - 2 a.b + |a|^2, 0)`` -- rounded in
-    that order, as ``_sq_dists(b, a)`` rounds it. Every element-wise op is the one
+    block (j, i), ``e`` (n_j, n_i) = ``max(|b|^2 - 2 b.a + |a|^2, 0)`` from the transposed
+    product -- rounded in that order, as ``_sq_dists(b, a)`` rounds it. Every element-wise op is the one
     ``_sq_dists`` does (``x - 2 G`` == ``x + (-2 G)``, doubling is exact), so the values are
     ``distance_block``'s; a float16 block that is not finite is replaced by the float32
     block, each orientation on its own, as ADM decides per block."""
@@ -219,13 +219,13 @@ def _distance_blocks(A: _BlockedSet, i: int, B: _BlockedSet, j: int, both: bool
     G.mul_(-2)
     na, nb = A.norms[i][:, None], B.norms[j][None, :]
     d = torch.add(G, na).add_(nb).clamp_min_(0)
-    e = G.add_(nb).add_(na).clamp_min_(0) if both else None
+    e = G.T.contiguous().add_(nb.T).add_(na.T).clamp_min_(0) if both else None
     if A.may_overflow or B.may_overflow:
         (sa, ea), (sb, eb) = A.bounds[i], B.bounds[j]
         if not bool(torch.isfinite(d).all()):
             d = _sq_dists(A.x[sa:ea].float(), B.x[sb:eb].float())
         if e is not None and not bool(torch.isfinite(e).all()):
-            e = _sq_dists(B.x[sb:eb].float(), A.x[sa:ea].float()).T
+            e = _sq_dists(B.x[sb:eb].float(), A.x[sa:ea].float())
     return d, e
 
 
@@ -242,8 +242,8 @@ def _radii(S: _BlockedSet, k: int, out_dtype: torch.dtype) -> torch.Tensor:
     """k-th-neighbour squared radius of every point of S (the point itself is the 0-th).
 
     Block pair (i, j > i) is one matmul serving both orientations (``_distance_blocks``);
-    each block contributes its k + 1 smallest per row (for block (j, i): per column), merged
-    across blocks -- the k-th smallest of a row does not depend on how it was split."""
+    each block contributes its k + 1 smallest per row, merged across blocks -- the k-th
+    smallest of a row does not depend on how it was split."""
     m = k + 1
     nb = len(S.bounds)
     best: list[torch.Tensor | None] = [None] * nb
@@ -252,7 +252,7 @@ def _radii(S: _BlockedSet, k: int, out_dtype: torch.dtype) -> torch.Tensor:
             d, e = _distance_blocks(S, i, S, j, both=j != i)
             best[i] = _merge_smallest(best[i], torch.topk(d, min(m, d.shape[1]), dim=1, largest=False).values, m)
             if e is not None:
-                best[j] = _merge_smallest(best[j], torch.topk(e, min(m, e.shape[0]), dim=0, largest=False).values.T, m)
+                best[j] = _merge_smallest(best[j], torch.topk(e, min(m, e.shape[1]), dim=1, largest=False).values, m)
     return torch.cat([b[:, k] for b in best]).to(out_dtype)
 
 
