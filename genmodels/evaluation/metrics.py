@@ -179,37 +179,110 @@ def distance_block(a: torch.Tensor, b: torch.Tensor, arithmetic: str = "fp32") -
 
 def _arithmetic(dtype: torch.dtype | None, arithmetic: str | None) -> str:
     if arithmetic is not None:
+        if arithmetic not in PR_ARITHMETICS:
+            raise ValueError(f"unknown precision/recall arithmetic {arithmetic!r}; use one of {PR_ARITHMETICS}")
         return arithmetic
     return "adm-fp16" if dtype == torch.float16 else "fp32"
+
+
+# A float16 block cannot overflow when every squared norm is below this: |u.v| <= ~|u||v|, so
+# every intermediate of |u|^2 - 2 u.v + |v|^2 stays below ~4.02 x 16,000 < 65,504.
+_FP16_SAFE_NORM = 16_000.0
+
+
+class _BlockedSet:
+    """A feature set (N, D) cut into ADM's blocks ``[s, s + chunk)``, with each block's copy
+    in the block arithmetic's dtype and its squared norms ``(u * u).sum(1)`` in that dtype,
+    computed once (``_sq_dists`` recomputes them for every block pair; same op, same
+    slices, so the same values)."""
+
+    def __init__(self, x: torch.Tensor, chunk: int, low: torch.dtype) -> None:
+        self.x, self.low_dtype = x, low
+        self.bounds = [(s, min(s + chunk, x.shape[0])) for s in range(0, x.shape[0], chunk)]
+        self.low = [x[s:e].to(low) for s, e in self.bounds]
+        self.norms = [(u * u).sum(1) for u in self.low]
+        # float16 blocks need the finiteness check (ADM's float32 fallback) unless they cannot overflow
+        self.may_overflow = low == torch.float16 and not all(
+            bool(torch.isfinite(n).all()) and float(n.max()) < _FP16_SAFE_NORM for n in self.norms if n.numel())
+
+
+def _distance_blocks(A: _BlockedSet, i: int, B: _BlockedSet, j: int, both: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared distances of A's block i to B's block j (ADM ``DistanceBlock``) from ONE
+    matmul: ``d`` (n_i, n_j) = ``max(|a|^2 - 2 a.b + |b|^2, 0)`` and, with ``both``, the
+    block (j, i), ``e`` (n_j, n_i) = ``max(|b|^2 - 2 b.a + |a|^2, 0)`` from the transposed
+    product -- rounded in that order, as ``_sq_dists(b, a)`` rounds it. Every element-wise op is the one
+    ``_sq_dists`` does (``x - 2 G`` == ``x + (-2 G)``, doubling is exact), so the values are
+    ``distance_block``'s; a float16 block that is not finite is replaced by the float32
+    block, each orientation on its own, as ADM decides per block."""
+    G = A.low[i] @ B.low[j].T
+    G.mul_(-2)
+    na, nb = A.norms[i][:, None], B.norms[j][None, :]
+    d = torch.add(G, na).add_(nb).clamp_min_(0)
+    e = G.T.contiguous().add_(nb.T).add_(na.T).clamp_min_(0) if both else None
+    if A.may_overflow or B.may_overflow:
+        (sa, ea), (sb, eb) = A.bounds[i], B.bounds[j]
+        if not bool(torch.isfinite(d).all()):
+            d = _sq_dists(A.x[sa:ea].float(), B.x[sb:eb].float())
+        if e is not None and not bool(torch.isfinite(e).all()):
+            e = _sq_dists(B.x[sb:eb].float(), A.x[sa:ea].float())
+    return d, e
+
+
+def _merge_smallest(best: torch.Tensor | None, new: torch.Tensor, m: int) -> torch.Tensor:
+    """The m smallest values per row of [best | new] (rows of ``new`` already reduced)."""
+    if best is not None:
+        if best.dtype != new.dtype:
+            best, new = best.float(), new.float()
+        new = torch.cat([best, new], dim=1)
+    return torch.topk(new, min(m, new.shape[1]), dim=1, largest=False, sorted=True).values
+
+
+def _radii(S: _BlockedSet, k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """k-th-neighbour squared radius of every point of S (the point itself is the 0-th).
+
+    Block pair (i, j > i) is one matmul serving both orientations (``_distance_blocks``);
+    each block contributes its k + 1 smallest per row, merged across blocks -- the k-th
+    smallest of a row does not depend on how it was split."""
+    m = k + 1
+    nb = len(S.bounds)
+    best: list[torch.Tensor | None] = [None] * nb
+    for i in range(nb):
+        for j in range(i, nb):
+            d, e = _distance_blocks(S, i, S, j, both=j != i)
+            best[i] = _merge_smallest(best[i], torch.topk(d, min(m, d.shape[1]), dim=1, largest=False).values, m)
+            if e is not None:
+                best[j] = _merge_smallest(best[j], torch.topk(e, min(m, e.shape[1]), dim=1, largest=False).values, m)
+    return torch.cat([b[:, k] for b in best]).to(out_dtype)
+
+
+def _as_threshold(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Radii to compare distance blocks of ``dtype`` with: ``d <= r`` in float32 equals
+    ``d <= r'`` in ``dtype`` when r' = r converts exactly (radii from float16 blocks do);
+    otherwise keep float32 (the comparison then promotes)."""
+    if dtype == r.dtype:
+        return r
+    low = r.to(dtype)
+    return low if bool((low.to(r.dtype) == r).all()) else r
 
 
 def manifold_radii(features: torch.Tensor, k: int = 3, chunk_size: int = ADM_PR_BLOCK,
                    dtype: torch.dtype | None = None, arithmetic: str | None = None) -> torch.Tensor:
     """Squared distance of every point to its k-th nearest neighbour in the same set (N,)
     float32 (the point itself counts as the 0-th neighbour, as in ADM). Distances come in
-    ``chunk_size x chunk_size`` blocks (``distance_block``); the k + 1 smallest per row are
-    merged across blocks, which selects the same value as ADM's partition of the full row.
+    ``chunk_size x chunk_size`` blocks with ``distance_block``'s values (one matmul for the
+    blocks (i, j) and (j, i)); the k + 1 smallest per row are merged across blocks, which
+    selects the same value as ADM's partition of the full row.
     ``dtype=torch.float64`` computes everything in float64 (tests)."""
     x = torch.as_tensor(features)
     n = x.shape[0]
     if n <= k:
         raise ValueError(f"manifold_radii: {n} points cannot have a {k}-th nearest neighbour")
     arith = _arithmetic(dtype, arithmetic)
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    radii = torch.empty(n, dtype=out_dtype, device=x.device)
+    f64 = dtype == torch.float64
+    low = torch.float64 if f64 else torch.float16 if arith == "adm-fp16" else torch.float32
     with _exact_cuda_matmul():
-        for i in range(0, n, chunk_size):
-            rows = x[i:i + chunk_size]
-            best = None  # the k + 1 smallest distances seen so far, per row
-            for j in range(0, n, chunk_size):
-                cols = x[j:j + chunk_size]
-                d = _sq_dists(rows.double(), cols.double()) if out_dtype == torch.float64 else \
-                    distance_block(rows, cols, arith)
-                if best is not None:
-                    d = torch.cat([best, d], dim=1)
-                best = torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False, sorted=True).values
-            radii[i:i + chunk_size] = best[:, k]
-    return radii
+        return _radii(_BlockedSet(x, chunk_size, low), k, torch.float64 if f64 else torch.float32)
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk_size: int = ADM_PR_BLOCK,
@@ -219,29 +292,45 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk_s
     ``real`` (N, D) with k-NN manifolds, as ADM's ``ManifoldEstimator.evaluate_pr``: rows are
     blocks of the real set, columns blocks of the samples; a sample is in the real manifold
     when ``d <= radius`` of some real point (precision), a real point is in the sample manifold
-    when ``d <= radius`` of some sample (recall); comparisons in float32.
+    when ``d <= radius`` of some sample (recall); comparisons in float32 (done in float16 on
+    float16 blocks when the radii are float16 values, which is the same test).
 
     ``arithmetic``: ``"adm-fp16"`` or ``"fp32"`` (module doc); ``dtype=torch.float16`` is the
     old spelling of ``"adm-fp16"``, ``torch.float64`` computes everything in float64.
     ``real_radii`` (N,) reuses the reference manifold (it only depends on the real features
-    and the arithmetic). Peak extra memory ~ 3 chunk_size^2 elements.
+    and the arithmetic).
+
+    Cost: the matmuls of ADM's blocks, with each symmetric pair of blocks of the two radius
+    passes computed once (~ (N^2 + M^2) / 2 + N M multiply-adds x D instead of N^2 + M^2 + N M);
+    extra memory ~ 3 chunk_size^2 block elements plus a float16 copy of the features.
+    ``benchmarks/precision_recall_bench.py`` times it against a plain matmul of the same sizes.
     """
     real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     fake = fake.to(real.device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall: features must be (N, D) with equal D, got {tuple(real.shape)} "
                          f"and {tuple(fake.shape)}")
+    for name, t in (("real", real), ("fake", fake)):
+        if t.shape[0] <= k:
+            raise ValueError(f"manifold_radii: {t.shape[0]} points cannot have a {k}-th nearest neighbour "
+                             f"({name} features)")
     arith = _arithmetic(dtype, arithmetic)
     f64 = dtype == torch.float64
-    r_real = manifold_radii(real, k, chunk_size, dtype, arith) if real_radii is None else real_radii.to(real.device)
-    r_fake = manifold_radii(fake, k, chunk_size, dtype, arith)
-    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)  # -> recall
-    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=real.device)  # -> precision
+    low = torch.float64 if f64 else torch.float16 if arith == "adm-fp16" else torch.float32
+    out_dtype = torch.float64 if f64 else torch.float32
+    R, F_ = _BlockedSet(real, chunk_size, low), _BlockedSet(fake, chunk_size, low)
     with _exact_cuda_matmul():
-        for i in range(0, len(real), chunk_size):
-            for j in range(0, len(fake), chunk_size):
-                a, b = real[i:i + chunk_size], fake[j:j + chunk_size]
-                d = _sq_dists(a.double(), b.double()) if f64 else distance_block(a, b, arith)
-                real_in[i:i + chunk_size] |= (d <= r_fake[None, j:j + chunk_size]).any(1)
-                fake_in[j:j + chunk_size] |= (d <= r_real[i:i + chunk_size, None]).any(0)
+        r_real = _radii(R, k, out_dtype) if real_radii is None else real_radii.to(real.device, out_dtype)
+        r_fake = _radii(F_, k, out_dtype)
+        real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)  # -> recall
+        fake_in = torch.zeros(len(fake), dtype=torch.bool, device=real.device)  # -> precision
+        thr_real = {low: _as_threshold(r_real, low), out_dtype: r_real}
+        thr_fake = {low: _as_threshold(r_fake, low), out_dtype: r_fake}
+        for i, (si, ei) in enumerate(R.bounds):
+            for j, (sj, ej) in enumerate(F_.bounds):
+                d, _ = _distance_blocks(R, i, F_, j, both=False)
+                rf = thr_fake.get(d.dtype, r_fake)[None, sj:ej]
+                rr = thr_real.get(d.dtype, r_real)[si:ei, None]
+                real_in[si:ei] |= (d <= rf).any(1)
+                fake_in[sj:ej] |= (d <= rr).any(0)
     return float(fake_in.double().mean()), float(real_in.double().mean())
