@@ -31,9 +31,12 @@ def main() -> None:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--total", type=int, default=None, help="schedule length (default: --steps)")
     p.add_argument("--every", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--two-stage", default=None, help="teacher checkpoint: stage-1 proxy-code training")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--init", default="official", choices=["official", "torch", "xavier"],
+                   help="diagnostic only: re-initialise every Linear / Conv of encoder and decoder")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
@@ -51,6 +54,14 @@ def main() -> None:
         kw.update(teacher_ckpt=a.two_stage, stage=1)
         kw.pop("proxy_codebook_size", None)
     tok = TiTok(**kw)
+    if a.init != "official":
+        for m in list(tok.encoder.modules()) + list(tok.decoder.modules()):
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                if a.init == "torch":
+                    m.reset_parameters()
+                else:
+                    torch.nn.init.xavier_uniform_(m.weight)
+                    torch.nn.init.zeros_(m.bias)
     n_params = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("teacher."))
     images, _, splits = digits_tensors(32)
     x = images[splits["train"]].float().div(127.5).sub(1).expand(-1, 3, -1, -1).contiguous()
@@ -62,10 +73,10 @@ def main() -> None:
     acc: dict[str, float] = {}
     tok.train()
     for step in range(1, a.steps + 1):
-        if pos + 64 > len(x):
+        if pos + a.batch > len(x):
             perm, pos = torch.randperm(len(x), generator=g), 0
-        batch = x[perm[pos:pos + 64]]
-        pos += 64
+        batch = x[perm[pos:pos + a.batch]]
+        pos += a.batch
         out = tok.losses(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
