@@ -372,6 +372,33 @@ OFFICIAL: dict[str, dict[str, Any]] = {
             "t2rru8xr6wm23yvxskpww/checkpoint-last.pth?rlkey=dn9ss9zw4zsnckf6bat9hss6h&st=y7w921zo"))},
 }
 
+# TiTok (bytedance/1d-tokenizer README_TiTok.md "Model Zoo"): the three two-stage tokenizers and their
+# MaskGIT generators, the files of the Hugging Face repo fun-research/TiTok (no published checksums).
+# The single-stage VQ / VAE tokenizers come without generators: genmodels.checkpoints.from_official
+# ("titok_bl64_vq8k", ...) loads them alone.
+_TITOK_URL = "https://huggingface.co/fun-research/TiTok/resolve/main/"
+OFFICIAL.update({
+    f"titok-{v}": {"kind": "titok", "tokenizer_kind": f"titok_{v}", "generator_kind": gen,
+                   "sample_preset": f"titok-{v}", "generator_kwargs": {}, "tokenizer_kwargs": {},
+                   "files": {"generator": (f"generator_titok_{v}.bin", _TITOK_URL + f"generator_titok_{v}.bin", None),
+                             "tokenizer": (f"tokenizer_titok_{v}.bin", _TITOK_URL + f"tokenizer_titok_{v}.bin", None)}}
+    for v, gen in (("l32", "maskgit-titok"), ("b64", "maskgit-titok"), ("s128", "uvit-titok"))})
+
+
+def _titok_pipeline(key: str, spec: dict[str, Any], files: dict[str, Path]) -> "Pipeline":
+    """TiTok tokenizer + its MaskGIT (``ImageBert``; ``UViTBert`` for S-128) with the official
+    sampling settings (``sample_imagenet_titok.py``: ``MaskGIT.SAMPLE_PRESETS`` /
+    ``UViTBert.SAMPLE_PRESETS``, TiTok's guidance_scale mapped to our ``cfg``)."""
+    from genmodels.checkpoints import from_official as convert
+
+    tok = convert(spec["tokenizer_kind"], files["tokenizer"], **spec.get("tokenizer_kwargs", {}))
+    gen = convert(spec["generator_kind"], files["generator"], **spec.get("generator_kwargs", {}))
+    if gen.spec.vocab_size != tok.spec.vocab_size or tuple(gen.spec.shapes[0]) != tuple(tok.spec.shapes[0]):
+        raise GenmodelsError(f"from_official({key!r}): the generator models {gen.spec.vocab_size} codes x "
+                             f"{tuple(gen.spec.shapes[0])} tokens but the tokenizer gives {tok.spec.vocab_size} x "
+                             f"{tuple(tok.spec.shapes[0])}: files of different TiTok variants")
+    return Pipeline(gen, tok, dict(type(gen).SAMPLE_PRESETS.get(spec.get("sample_preset"), {})), name=key)
+
 
 def default_cache_dir() -> Path:
     """``$GENMODELS_CACHE/official`` (default ``~/.cache/genmodels/official``)."""
@@ -464,7 +491,8 @@ def from_official(name: str, path: str | Path | None = None, *, download: bool =
     """A ``Pipeline`` for the released weights: ``var-d16`` .. ``var-d30`` (+ the VQ-VAE
     ``vae_ch160v4096z32.pth``), ``mar-base`` / ``mar-large`` / ``mar-huge`` (+ ``kl16.ckpt``),
     ``fractalar-in64``, ``fractalmar-in64``, ``fractalmar-base-in256`` / ``-large-`` / ``-huge-``
-    (pixels: one ``checkpoint-last.pth`` each).
+    (pixels: one ``checkpoint-last.pth`` each), ``titok-l32`` / ``titok-b64`` / ``titok-s128``
+    (``tokenizer_titok_*.bin`` + ``generator_titok_*.bin``).
 
     ``path``: a folder holding the official files (see ``official_files``); ``download=True``
     fetches them from the authors' locations into ``cache_dir`` instead (progress bar,
@@ -480,7 +508,9 @@ def from_official(name: str, path: str | Path | None = None, *, download: bool =
     spec = OFFICIAL[key]
     files = official_files(key, path, download=download, cache_dir=cache_dir, progress=progress)
     gen_kw, tok_kw = dict(spec.get("generator_kwargs", {})), dict(spec.get("tokenizer_kwargs", {}))
-    if spec["kind"] == "var":
+    if spec["kind"] == "titok":
+        pipe = _titok_pipeline(key, spec, files)
+    elif spec["kind"] == "var":
         vae = convert("var-vqvae", files["tokenizer"], **tok_kw)
         var = convert("var", files["generator"], vae_local=vae, **gen_kw)
         pipe = Pipeline(var, vae, from_var(cfg=1.5, top_k=900, top_p=0.96), name=key)
