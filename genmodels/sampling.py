@@ -146,17 +146,52 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     when the probability mass of the strictly more likely tokens is < p: computed as VAR's
     official ``sample_with_top_k_top_p_`` does (ascending sort, drop where the cumulative
     mass <= 1 - p), so its float rounding is the same; the most likely token always stays.
+    With both on, the nucleus is found among the k survivors only (``_top_p_of_top_k_``: no
+    sort of the whole vocabulary, the same filtered set bit for bit).
     """
     V = logits.shape[-1]
     if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
+        if top_p < 1.0:
+            vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+            kth = vals[..., -1:]
+            logits.masked_fill_(logits < kth, -torch.inf)
+            if _top_p_of_top_k_(logits, vals, idx, top_p):
+                return logits
+        else:
+            kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+            logits.masked_fill_(logits < kth, -torch.inf)
     if top_p < 1.0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
     return logits
+
+
+def _top_p_of_top_k_(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_p: float) -> bool:
+    """The top-p step of ``filter_logits_`` given the top-k survivors ``vals`` / ``idx`` (..., k)
+    (descending) of ``logits`` (..., V), already top-k masked. Returns False (nothing done) when
+    the result could differ from the full-vocabulary sort, which the caller then runs.
+
+    The full ascending sort of the masked logits is V - k entries of -inf followed by the
+    survivors in ascending order; that row is built directly (no sort of V entries), so its
+    softmax and cumulative sum are the official ones bit for bit (the same input to the same
+    ops). Two cases fall back: a row with more than k entries >= the k-th largest (ties at the
+    k-th value, or -inf among the top k), and equal survivors that the threshold separates (their
+    order in a sort is arbitrary, so which of them is dropped is the sort's choice).
+    """
+    V, k = logits.shape[-1], vals.shape[-1]
+    if bool(((logits > -torch.inf).sum(-1) != k).any()) or not bool(torch.isfinite(vals).all()):
+        return False
+    asc, asc_idx = vals.flip(-1), idx.flip(-1)
+    row = logits.new_full(logits.shape, -torch.inf)
+    row[..., V - k:] = asc
+    remove = row.softmax(dim=-1).cumsum_(dim=-1)[..., V - k:] <= (1 - top_p)
+    remove[..., -1:] = False
+    if k > 1 and bool(((asc[..., 1:] == asc[..., :-1]) & (remove[..., 1:] != remove[..., :-1])).any()):
+        return False
+    logits.scatter_(-1, asc_idx, asc.masked_fill(remove, -torch.inf))
+    return True
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
