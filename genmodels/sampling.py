@@ -152,11 +152,11 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     V = logits.shape[-1]
     if 0 < top_k < V:
         if top_p < 1.0:
-            vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
-            kth = vals[..., -1:]
-            logits.masked_fill_(logits < kth, -torch.inf)
+            # the k + 1 largest: the (k+1)-th tells whether the k-th value is tied (more survivors)
+            vals, idx = logits.topk(top_k + 1, dim=-1, largest=True, sorted=True)
             if _top_p_of_top_k_(logits, vals, idx, top_p):
                 return logits
+            logits.masked_fill_(logits < vals[..., top_k - 1:top_k], -torch.inf)
         else:
             kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
             logits.masked_fill_(logits < kth, -torch.inf)
@@ -169,28 +169,30 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
 
 
 def _top_p_of_top_k_(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_p: float) -> bool:
-    """The top-p step of ``filter_logits_`` given the top-k survivors ``vals`` / ``idx`` (..., k)
-    (descending) of ``logits`` (..., V), already top-k masked. Returns False (nothing done) when
-    the result could differ from the full-vocabulary sort, which the caller then runs.
+    """Top-k then top-p of ``filter_logits_`` from the k + 1 largest logits ``vals`` / ``idx``
+    (..., k + 1) (descending): writes the filtered ``logits`` (..., V) and returns True, or
+    returns False with ``logits`` untouched when the result could differ from the official
+    full-vocabulary sort (the caller then runs that).
 
-    The full ascending sort of the masked logits is V - k entries of -inf followed by the
-    survivors in ascending order; that row is built directly (no sort of V entries), so its
-    softmax and cumulative sum are the official ones bit for bit (the same input to the same
-    ops). Two cases fall back: a row with more than k entries >= the k-th largest (ties at the
-    k-th value, or -inf among the top k), and equal survivors that the threshold separates (their
-    order in a sort is arbitrary, so which of them is dropped is the sort's choice).
+    The official ascending sort of the top-k-masked logits is V - k entries of -inf followed
+    by the k survivors in ascending order; that row is built directly (no sort of V entries),
+    so its softmax and cumulative sum are the official ones bit for bit (the same input to the
+    same ops). It falls back when the k-th value is tied with the (k+1)-th (then more than k
+    entries survive top-k) or is -inf/NaN, and when equal survivors are split by the top-p
+    threshold (their order in a sort is arbitrary, so which one is dropped is the sort's).
     """
-    V, k = logits.shape[-1], vals.shape[-1]
-    if bool(((logits > -torch.inf).sum(-1) != k).any()) or not bool(torch.isfinite(vals).all()):
+    V, k = logits.shape[-1], vals.shape[-1] - 1
+    kth = vals[..., k - 1]
+    if bool((kth == vals[..., k]).any()) or not bool(torch.isfinite(vals[..., :k]).all()):
         return False
-    asc, asc_idx = vals.flip(-1), idx.flip(-1)
+    asc, asc_idx = vals[..., :k].flip(-1), idx[..., :k].flip(-1)
     row = logits.new_full(logits.shape, -torch.inf)
     row[..., V - k:] = asc
     remove = row.softmax(dim=-1).cumsum_(dim=-1)[..., V - k:] <= (1 - top_p)
     remove[..., -1:] = False
     if k > 1 and bool(((asc[..., 1:] == asc[..., :-1]) & (remove[..., 1:] != remove[..., :-1])).any()):
         return False
-    logits.scatter_(-1, asc_idx, asc.masked_fill(remove, -torch.inf))
+    logits.fill_(-torch.inf).scatter_(-1, asc_idx, asc.masked_fill_(remove, -torch.inf))
     return True
 
 
@@ -226,7 +228,12 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     LlamaGen-style code draw) or ``gumbel`` (argmax of logits + Gumbel noise, as 1d-tokenizer).
     Both give the same distribution; they consume the generator differently.
     """
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    elif top_k > 0 or top_p < 1.0:
+        logits = logits.float().clone()  # filtered in place below; the caller's logits stay
+    else:
+        logits = logits.float()  # nothing to filter: no copy
     filter_logits_(logits, top_k, top_p)
     if method == "gumbel":
         return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)
