@@ -18,8 +18,9 @@ Measures (issue 17's table; small configs so that a run takes minutes on 2 share
   ``sample_with_top_k_top_p_``).
 * ``var_train``: VAR d8 training step, B=2: teacher-forcing input, forward, token-mean CE, backward.
 * ``mar_sample*``: MAR 4+4 blocks x 512 + DiffLoss 3 x 512, 16 x 16 tokens, 16 AR steps x 50
-  diffusion steps; B=1 with cfg 3 (linear) and without; ``--mar-big-batch`` B with cfg 3 and
-  without (default 64 at 8 x 8 tokens, to keep the run short).
+  diffusion steps; B=1 with cfg 3 (linear) and without; ``--mar-big-batch`` B (default 64) with
+  cfg 3 and without at a size that keeps the run short (4 x 4 tokens, buffer 16, 4 AR steps x 50
+  diffusion steps: 2,048 DiffLoss rows per step with guidance).
 * ``mar_train``: MAR training step, B=4 (same masks on both sides: the official masks are drawn
   from numpy's seeded RNG and handed to ours), forward + backward + AdamW step.
 
@@ -222,13 +223,13 @@ def import_official_mar(root: Path):
     return mar
 
 
-def build_mar(mar_mod, side: int):
+def build_mar(mar_mod, side: int, buffer_size: int = 64):
     from genmodels.checkpoints.mar import mar_kwargs
     from genmodels.generators.mar import MAR
 
     kw = dict(img_size=side * 16, vae_stride=16, patch_size=1, vae_embed_dim=16, encoder_embed_dim=512,
               encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=8,
-              class_num=10, buffer_size=64, diffloss_d=3, diffloss_w=512, num_sampling_steps="50",
+              class_num=10, buffer_size=buffer_size, diffloss_d=3, diffloss_w=512, num_sampling_steps="50",
               diffusion_batch_mul=4)
     torch.manual_seed(0)
     theirs = mar_mod.MAR(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kw)
@@ -245,15 +246,16 @@ def mar_measures(args, root: Path) -> dict:
     theirs.eval(), ours.eval()
     runs = [("mar_sample_cfg3_b1", 3.0, 1), ("mar_sample_nocfg_b1", 1.0, 1)]
 
-    def sampler(model_t, model_o, cfg, bsz):
+    def sampler(model_t, model_o, cfg, bsz, num_iter=16):
         lab = torch.arange(bsz) % 10
 
         def official():
             with torch.no_grad():
-                model_t.sample_tokens(bsz=bsz, num_iter=16, cfg=cfg, labels=lab, temperature=1.0)
+                model_t.sample_tokens(bsz=bsz, num_iter=num_iter, cfg=cfg, labels=lab, temperature=1.0)
 
         def our():
-            model_o.sample(lab, num_steps=16, cfg=cfg, temperature=1.0, generator=torch.Generator().manual_seed(0))
+            model_o.sample(lab, num_steps=num_iter, cfg=cfg, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))
         return official, our
 
     # training step, B=4, the same masks on both sides
@@ -302,14 +304,14 @@ def mar_measures(args, root: Path) -> dict:
             theirs.eval(), ours.eval()
             theirs.load_state_dict(sd), ours.load_state_dict(sd)  # back to the shared weights
     if "mar_sample_big" in args.only:
-        side, bsz = args.mar_big_batch_side, args.mar_big_batch
-        theirs_b, ours_b, _ = build_mar(mar_mod, side)
+        side, bsz, buf, it = args.mar_big_batch_side, args.mar_big_batch, args.mar_big_buffer, args.mar_big_iters
+        theirs_b, ours_b, _ = build_mar(mar_mod, side, buf)
         theirs_b.eval(), ours_b.eval()
-        for t in args.threads:
+        for t in args.big_threads:
             torch.set_num_threads(t)
-            for cfg in (3.0, 1.0):
-                name = f"mar_sample_{'cfg3' if cfg != 1 else 'nocfg'}_b{bsz}_{side}x{side}@{t}"
-                out[name] = interleaved(*sampler(theirs_b, ours_b, cfg, bsz), args.big_repeats)
+            for cfg in args.big_cfgs:
+                name = f"mar_sample_{'cfg3' if cfg != 1 else 'nocfg'}_b{bsz}_{side}x{side}_buf{buf}_{it}iters@{t}"
+                out[name] = interleaved(*sampler(theirs_b, ours_b, cfg, bsz, it), args.big_repeats)
                 report(name, out[name])
     return out
 
@@ -356,7 +358,12 @@ def profiles(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+SAVE = None  # set by main: stores a result as soon as it is measured (a long run keeps what it has)
+
+
 def report(name: str, r: dict) -> None:
+    if SAVE is not None:
+        SAVE(name, r)
     print(f"[{name}] official {r['official_cpu_s']:.3f} s / ours {r['ours_cpu_s']:.3f} s CPU: x{r['ratio']:.2f} "
           f"({r['ratio_min']:.2f}..{r['ratio_max']:.2f}); wall x{r['wall_ratio']:.2f}; "
           f"load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}", flush=True)
@@ -406,8 +413,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--big-repeats", type=int, default=5)
+    ap.add_argument("--big-threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--big-cfgs", type=float, nargs="+", default=[3.0, 1.0])
     ap.add_argument("--mar-big-batch", type=int, default=64)
-    ap.add_argument("--mar-big-batch-side", type=int, default=8)
+    ap.add_argument("--mar-big-batch-side", type=int, default=4)
+    ap.add_argument("--mar-big-buffer", type=int, default=16)
+    ap.add_argument("--mar-big-iters", type=int, default=4)
     ap.add_argument("--only", nargs="+", default=["var_sample", "var_train", "mar_sample", "mar_train",
                                                   "mar_sample_big"])
     ap.add_argument("--profile", action="store_true")
@@ -426,6 +437,15 @@ def main() -> None:
                         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "torch": torch.__version__, "repeats": args.repeats, "threads": args.threads,
                         "load_start": [round(x, 2) for x in os.getloadavg()], "levers": list(LEVERS)}
+        global SAVE
+
+        def save(name, r):
+            data["results"][name] = r
+            data["meta"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+            args.out.write_text(json.dumps(data, indent=1))
+            if args.md:
+                write_md(args.md, data)
+        SAVE = save
         if args.official_var and {"var_sample", "var_train"} & set(args.only):
             res, check = var_measures(args, args.official_var)
             data["results"].update(res)

@@ -458,10 +458,15 @@ class VAR(Generator):
                 for block, a in zip(self.blocks, ada):
                     x = block(x, None, mask, ada=a)
                 x = x[:, cur_L - pn * pn:]
-            logits_BlV = self.get_logits(x, None, ada=head_ada)
             if guided:
+                # the head is affine (W h + b) and the guidance weights sum to 1, so guiding its
+                # input equals guiding the logits (float32 rounding aside): one head matmul on B
+                # rows instead of 2B, no (2B, l, V) logits
                 w = sampling.guidance_weight(cfg, guidance_schedule, ratio)
-                logits_BlV = sampling.guide(logits_BlV[:B], logits_BlV[B:], w, form="var")
+                h = self.head_nm(x.float(), None, ada=head_ada).float()
+                logits_BlV = self.head(sampling.guide(h[:B], h[B:], w, form="var")).float()
+            else:
+                logits_BlV = self.get_logits(x, None, ada=head_ada)
             if temperature != 1.0:
                 logits_BlV = logits_BlV / temperature
             # in place, as the official sample_with_top_k_top_p_: the smoothed codes below see the mask
