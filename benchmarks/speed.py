@@ -61,8 +61,14 @@ PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 #: the exact-tier levers in the default code path (same tokens, float32 within parity tolerance)
 LEVERS = {
     "top_p_on_top_k": "top-p found among the top-k survivors, no sort of the vocabulary (sampling.filter_logits_)",
+    "no_copy_draw": "sampling.sample_categorical copies the logits only when it filters them",
     "var_adaln_once": "VAR: block and head AdaLN vectors once per sample, not once per scale",
     "var_static_kv": "VAR: one preallocated KV buffer per block, filled scale by scale (KVCache(capacity))",
+    "var_guided_head_input": "VAR: guidance applied to the (affine) head's input: head matmul on B rows, not 2B",
+    "var_block_causal_by_scales": "VAR training: block-causal attention as 4 calls (masked head + 3 mask-free "
+                                  "scales), 36% fewer scores, no (L, L) mask (nn.attention.BlockCausal)",
+    "decoder_batch_chunks": "conv Decoder without autograd in batch chunks (<= 16 MB activations): heap reuse, "
+                            "not an mmap + page faults per layer",
     "mar_last_block_rows": "MAR: last decoder block + norm only on the tokens whose z is used (sampling, training)",
     "diffloss_adaln_batched": "DiffLoss sampling: the adaLN outputs of all steps in one matmul (steps x rows)",
     "diffloss_embeddings_once": "DiffLoss sampling: condition embedding once, time embeddings of all steps at once",
@@ -426,9 +432,18 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="profile label (before / after)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed.json")
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="combine the results of runs made in parallel processes into --out (and --md)")
     args = ap.parse_args()
     data = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if args.profile_only:
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        data["meta"] = dict(parts[0]["meta"], command=" ; ".join(p["meta"]["command"] for p in parts),
+                            load_start=[p["meta"]["load_start"] for p in parts],
+                            load_end=[p["meta"].get("load_end") for p in parts])
+        data["results"] = {k: v for p in parts for k, v in p.get("results", {}).items()}
+        data["checks"] = {k: v for p in parts for k, v in p.get("checks", {}).items()}
+    elif args.profile_only:
         data[f"profile_{args.label}"] = profiles(args)
     else:
         data.update(results={}, checks={})
