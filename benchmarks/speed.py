@@ -65,8 +65,6 @@ LEVERS = {
     "var_adaln_once": "VAR: block and head AdaLN vectors once per sample, not once per scale",
     "var_static_kv": "VAR: one preallocated KV buffer per block, filled scale by scale (KVCache(capacity))",
     "var_guided_head_input": "VAR: guidance applied to the (affine) head's input: head matmul on B rows, not 2B",
-    "var_block_causal_by_scales": "VAR training: block-causal attention as 4 calls (masked head + 3 mask-free "
-                                  "scales), 36% fewer scores, no (L, L) mask (nn.attention.BlockCausal)",
     "decoder_batch_chunks": "conv Decoder without autograd in batch chunks (<= 16 MB activations): heap reuse, "
                             "not an mmap + page faults per layer",
     "mar_last_block_rows": "MAR: last decoder block + norm only on the tokens whose z is used (sampling, training)",
@@ -398,7 +396,10 @@ def write_md(path: Path, data: dict) -> None:
                      f"{'>= ' + format(target, '.2f') if target else ''} |")
     lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in data.get("checks", {}).items()), "",
               "Levers on (all in the default path):", ""]
+    note = data.get("meta", {}).get("note")
     lines += [f"* `{k}`: {v}" for k, v in LEVERS.items()]
+    if note:
+        lines += ["", note]
     for label in ("before", "after"):
         prof = data.get(f"profile_{label}")
         if not prof:
