@@ -146,17 +146,54 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     when the probability mass of the strictly more likely tokens is < p: computed as VAR's
     official ``sample_with_top_k_top_p_`` does (ascending sort, drop where the cumulative
     mass <= 1 - p), so its float rounding is the same; the most likely token always stays.
+    With both on, the nucleus is found among the k survivors only (``_top_p_of_top_k_``: no
+    sort of the whole vocabulary, the same filtered set bit for bit).
     """
     V = logits.shape[-1]
     if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
+        if top_p < 1.0:
+            # the k + 1 largest: the (k+1)-th tells whether the k-th value is tied (more survivors)
+            vals, idx = logits.topk(top_k + 1, dim=-1, largest=True, sorted=True)
+            if _top_p_of_top_k_(logits, vals, idx, top_p):
+                return logits
+            logits.masked_fill_(logits < vals[..., top_k - 1:top_k], -torch.inf)
+        else:
+            kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+            logits.masked_fill_(logits < kth, -torch.inf)
     if top_p < 1.0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
     return logits
+
+
+def _top_p_of_top_k_(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_p: float) -> bool:
+    """Top-k then top-p of ``filter_logits_`` from the k + 1 largest logits ``vals`` / ``idx``
+    (..., k + 1) (descending): writes the filtered ``logits`` (..., V) and returns True, or
+    returns False with ``logits`` untouched when the result could differ from the official
+    full-vocabulary sort (the caller then runs that).
+
+    The official ascending sort of the top-k-masked logits is V - k entries of -inf followed
+    by the k survivors in ascending order; that row is built directly (no sort of V entries),
+    so its softmax and cumulative sum are the official ones bit for bit (the same input to the
+    same ops). It falls back when the k-th value is tied with the (k+1)-th (then more than k
+    entries survive top-k) or is -inf/NaN, and when equal survivors are split by the top-p
+    threshold (their order in a sort is arbitrary, so which one is dropped is the sort's).
+    """
+    V, k = logits.shape[-1], vals.shape[-1] - 1
+    kth = vals[..., k - 1]
+    if bool((kth == vals[..., k]).any()) or not bool(torch.isfinite(vals[..., :k]).all()):
+        return False
+    asc, asc_idx = vals[..., :k].flip(-1), idx[..., :k].flip(-1)
+    row = logits.new_full(logits.shape, -torch.inf)
+    row[..., V - k:] = asc
+    remove = row.softmax(dim=-1).cumsum_(dim=-1)[..., V - k:] <= (1 - top_p)
+    remove[..., -1:] = False
+    if k > 1 and bool(((asc[..., 1:] == asc[..., :-1]) & (remove[..., 1:] != remove[..., :-1])).any()):
+        return False
+    logits.fill_(-torch.inf).scatter_(-1, asc_idx, asc.masked_fill_(remove, -torch.inf))
+    return True
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -191,7 +228,12 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     LlamaGen-style code draw) or ``gumbel`` (argmax of logits + Gumbel noise, as 1d-tokenizer).
     Both give the same distribution; they consume the generator differently.
     """
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    elif top_k > 0 or top_p < 1.0:
+        logits = logits.float().clone()  # filtered in place below; the caller's logits stay
+    else:
+        logits = logits.float()  # nothing to filter: no copy
     filter_logits_(logits, top_k, top_p)
     if method == "gumbel":
         return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)

@@ -259,7 +259,7 @@ class MAR(Generator):
         mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool, device=orders.device)
         return mask.scatter_(1, orders[:, :num_masked], True)
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, is_causal: bool = False,
+    def _blocks(self, blocks: Sequence[nn.Module], x: torch.Tensor, is_causal: bool = False,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
         for i, blk in enumerate(blocks):
             if caches is not None:
@@ -286,15 +286,44 @@ class MAR(Generator):
         x = x[keep].reshape(B, -1, D)
         return self.encoder_norm(self._blocks(self.encoder_blocks, x))
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Official ``forward_mae_decoder``: encoder output -> z (B, L, D_dec), one condition per token."""
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+        """Official ``forward_mae_decoder``: encoder output -> z (B, L, D_dec), one condition per token.
+
+        ``rows`` (B, L) bool, the same count per sample: return only ``z[rows]`` (M, D_dec), the
+        tokens whose z is used (the masked ones in training, the ones predicted now in
+        sampling). The last block and the final norm then run on those rows only (its keys and
+        values still come from every row): the same values as ``z[rows]``."""
         x = self.decoder_embed(x)
         keep = self._keep(mask)
         B, T = keep.shape
         full = self.mask_token.to(x.dtype).expand(B, T, x.shape[-1]).clone()
         full[keep] = x.reshape(-1, x.shape[-1])
-        x = self.decoder_norm(self._blocks(self.decoder_blocks, full + self.decoder_pos_embed_learned))
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        full = full + self.decoder_pos_embed_learned
+        if rows is None or not self._same_count(rows):
+            x = self.decoder_norm(self._blocks(self.decoder_blocks, full))
+            z = x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+            return z if rows is None else z[rows]
+        return self._decoder_rows(full, rows)
+
+    @staticmethod
+    def _same_count(rows: torch.Tensor) -> bool:
+        n = rows.sum(1)
+        return rows.shape[0] > 0 and bool((n == n[0]).all())
+
+    def _decoder_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Decoder blocks on x (B, buffer + L, D_dec) with the last block only at ``rows`` (B, L)
+        -> z[rows] (M, D_dec)."""
+        *first, last = self.decoder_blocks
+        x = self._blocks(first, x)
+        B = rows.shape[0]
+        sel = torch.cat([rows.new_zeros(B, self.buffer_size), rows], dim=1)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            h = checkpoint(last.forward_rows, x, sel, use_reentrant=False)
+        else:
+            h = last.forward_rows(x, sel)
+        h = self.decoder_norm(h.reshape(-1, h.shape[-1]))
+        return h + self.diffusion_pos_embed_learned.expand(B, -1, -1)[rows]
 
     def _keep(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, buffer + L) bool: rows the encoder sees (the buffer always)."""
@@ -343,7 +372,10 @@ class MAR(Generator):
                     orders = self.sample_orders(B, tokens.device)
                 mask = self.random_masking(B, orders)
             mask = mask.bool()
-            z = self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, cls), mask)
+            z = self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, cls), mask, rows=mask)
+            out = self.token_loss(z, tokens[mask])
+            out["mask_ratio"] = mask.float().mean()
+            return out
         out = self.token_loss(z[mask], tokens[mask])
         out["mask_ratio"] = mask.float().mean()
         return out
@@ -457,17 +489,19 @@ class MAR(Generator):
             orders = orders.gather(1, (~mask).gather(1, orders).int().argsort(dim=1, stable=True))
         M = int(mask[0].sum())  # tokens to generate (L when sampling)
         for step in range(num_iter if M else 0):
-            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            z = self.forward_mae_decoder(self.forward_mae_encoder(tok_in, mask_in, cls), mask_in)
             # mask ratio for the next round (MaskGIT cosine), at least one token fewer
             n_masked = int(mask[0].sum())
             mask_len = max(1, min(n_masked - 1, math.floor(M * math.cos(math.pi / 2.0 * (step + 1) / num_iter))))
             mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], True)
             to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
+            mask_in = torch.cat([mask, mask]) if guided else mask
             mask = mask_next
             if not to_pred.any():
                 continue
-            z_pred = torch.cat([z[:B][to_pred], z[B:][to_pred]]) if guided else z[to_pred]
+            tok_in = torch.cat([tokens, tokens]) if guided else tokens
+            # z of the tokens predicted now only ([cond | uncond] rows with guidance)
+            z_pred = self.forward_mae_decoder(self.forward_mae_encoder(tok_in, mask_in, cls), mask_in,
+                                              rows=torch.cat([to_pred, to_pred]) if guided else to_pred)
             tokens[to_pred] = draw(z_pred, self._cfg_at(cfg, mask_len, schedule, M)).to(tokens.dtype)
         return tokens
 

@@ -43,7 +43,7 @@ from torch import nn
 from genmodels import sampling
 from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
-from genmodels.nn.adaln import modulate
+from genmodels.nn.adaln import modulate_1p
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
 from genmodels.tokenizers.base import TokenSpec
 
@@ -89,16 +89,24 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, l, C); cond_BD (B, D), or (B, 1, 6, C) from ``shared_ada_lin`` when shared."""
+    def ada_params(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The AdaLN vectors of a condition, each (B, 1, C): (gamma1, gamma2, 1 + scale1,
+        1 + scale2, shift1, shift2). They depend on the class only, so a sampler computes them
+        once per sample and passes them to every scale (``forward(..., ada=...)``)."""
         if self.shared_aln:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        h = self.attn(modulate(self.ln_wo_grad(x), shift1, scale1), attn_bias, cache=cache)
+        return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
+
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor | None, attn_bias: torch.Tensor | None = None,
+                cache: KVCache | None = None, ada: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x (B, l, C); cond_BD (B, D), or (B, 1, 6, C) from ``shared_ada_lin`` when shared;
+        or ``ada``, the precomputed ``ada_params(cond_BD)``."""
+        gamma1, gamma2, scale1p, scale2p, shift1, shift2 = self.ada_params(cond_BD) if ada is None else ada
+        h = self.attn(modulate_1p(self.ln_wo_grad(x), shift1, scale1p), attn_bias, cache=cache)
         x = x + self.drop_path(h.mul_(gamma1))  # in place on the fresh attention output, as the official
-        h = self.ffn(modulate(self.ln_wo_grad(x), shift2, scale2))
+        h = self.ffn(modulate_1p(self.ln_wo_grad(x), shift2, scale2p))
         return x + self.drop_path(h.mul(gamma2))
 
 
@@ -111,9 +119,15 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def ada_params(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, 1, C): once per sample in the sampler."""
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return modulate(self.ln_wo_grad(x_BLC), shift, scale)
+        return scale.add(1), shift
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor | None,
+                ada: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        scale1p, shift = self.ada_params(cond_BD) if ada is None else ada
+        return modulate_1p(self.ln_wo_grad(x_BLC), shift, scale1p)
 
 
 class VAR(Generator):
@@ -269,9 +283,10 @@ class VAR(Generator):
         return getattr(self.tokenizer, "quantize", self.tokenizer)
 
     # ------------------------------------------------------------------ transformer
-    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """h (B, l, C), cond (B, D) -> logits (B, l, V) in float32."""
-        return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor | None,
+                   ada: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """h (B, l, C), cond (B, D) (or ``ada`` = ``head_nm.ada_params(cond)``) -> logits (B, l, V) in float32."""
+        return self.head(self.head_nm(h.float(), cond_BD, ada=ada).float()).float()
 
     def forward(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor | None, prog_si: int = -1) -> torch.Tensor:
         """Teacher-forced logits (official ``VAR.forward(label_B, x_BLCv_wo_first_l)``).
@@ -426,8 +441,11 @@ class VAR(Generator):
         next_token_map = (sos.unsqueeze(1).expand(n, self.first_l, -1) + self.pos_start.expand(n, self.first_l, -1)
                           + lvl_pos[:, :self.first_l])
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        caches = [KVCache() for _ in self.blocks]
+        caches = [KVCache(capacity=self.L) for _ in self.blocks]  # one buffer per block, filled scale by scale
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        # the AdaLN vectors depend on the class only: once per sample, not once per scale
+        ada = [block.ada_params(cond_BD_or_gss) for block in self.blocks]
+        head_ada = self.head_nm.ada_params(cond_BD)
         prefix: list[torch.Tensor] = []
         tokens = []
         cur_L = 0
@@ -436,19 +454,24 @@ class VAR(Generator):
             cur_L += pn * pn
             if use_cache:
                 x = next_token_map
-                for block, cache in zip(self.blocks, caches):
-                    x = block(x, cond_BD_or_gss, None, cache=cache)
+                for block, cache, a in zip(self.blocks, caches, ada):
+                    x = block(x, None, None, cache=cache, ada=a)
             else:
                 prefix.append(next_token_map)
                 x = torch.cat(prefix, dim=1)
                 mask = self.attn_bias_for_masking[:, :, :cur_L, :cur_L].to(x.dtype)
-                for block in self.blocks:
-                    x = block(x, cond_BD_or_gss, mask)
+                for block, a in zip(self.blocks, ada):
+                    x = block(x, None, mask, ada=a)
                 x = x[:, cur_L - pn * pn:]
-            logits_BlV = self.get_logits(x, cond_BD)
             if guided:
+                # the head is affine (W h + b) and the guidance weights sum to 1, so guiding its
+                # input equals guiding the logits (float32 rounding aside): one head matmul on B
+                # rows instead of 2B, no (2B, l, V) logits
                 w = sampling.guidance_weight(cfg, guidance_schedule, ratio)
-                logits_BlV = sampling.guide(logits_BlV[:B], logits_BlV[B:], w, form="var")
+                h = self.head_nm(x.float(), None, ada=head_ada).float()
+                logits_BlV = self.head(sampling.guide(h[:B], h[B:], w, form="var")).float()
+            else:
+                logits_BlV = self.get_logits(x, None, ada=head_ada)
             if temperature != 1.0:
                 logits_BlV = logits_BlV / temperature
             # in place, as the official sample_with_top_k_top_p_: the smoothed codes below see the mask

@@ -272,7 +272,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.forward_modulated(x, *self.adaLN_modulation(y).chunk(3, dim=-1))
+
+    def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                          gate: torch.Tensor) -> torch.Tensor:
+        """The block given its adaLN outputs (each (N, C)): they depend on y only, not on x."""
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -286,7 +290,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 2 * model_channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.forward_modulated(x, *self.adaLN_modulation(y).chunk(2, dim=-1))
+
+    def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -338,6 +344,31 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
 
+    def modulations(self, y: torch.Tensor) -> torch.Tensor:
+        """All adaLN outputs at once: y (..., width) -> (..., width * (3 depth + 2)), the
+        blocks' (shift, scale, gate) then the final layer's (shift, scale). The adaLN layers
+        share their input SiLU(y), so this is one matmul over the concatenated weights
+        (``split_modulations`` cuts it up); rows may be any batch, e.g. every diffusion step
+        of a sampling chain at once: adaLN depends on (t, z), never on x_t."""
+        lins = [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
+        w = torch.cat([m.weight for m in lins])
+        b = torch.cat([m.bias for m in lins])
+        return F.linear(F.silu(y), w, b)
+
+    def split_modulations(self, mods: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+        """(..., width * (3 depth + 2)) -> per block (shift, scale, gate), final (shift, scale)."""
+        W = self.final_layer.linear.in_features
+        parts = mods.split(W, dim=-1)
+        return [parts[3 * i:3 * i + 3] for i in range(len(self.res_blocks))], parts[-2:]
+
+    def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        """The trunk given ``modulations(y)`` (N or 1, ...) instead of y (inference)."""
+        blocks, final = self.split_modulations(mods)
+        h = self.input_proj(x)
+        for block, m in zip(self.res_blocks, blocks):
+            h = block.forward_modulated(h, *m)
+        return self.final_layer.forward_modulated(h, *final)
+
 
 # ---------------------------------------------------------------------------- the loss
 
@@ -355,6 +386,9 @@ class DiffLoss(nn.Module):
             (``"100"`` in the paper); ``sample(..., num_sampling_steps=...)`` overrides it.
         noise_schedule, diffusion_steps: ``"cosine"`` and 1000 in MAR.
     """
+
+    #: floats of adaLN outputs ``sample`` precomputes at once (steps x rows x (3 depth + 2) width)
+    MOD_CHUNK = 1 << 24
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
                  num_sampling_steps: str | int = "100", grad_checkpointing: bool = False,
@@ -430,10 +464,17 @@ class DiffLoss(nn.Module):
         net = self.net
         c_emb = net.cond_embed(z)
         t_orig = d.timestep_map.tolist()
-        for k, i in enumerate(reversed(range(d.num_timesteps))):
-            t_emb = net.time_embed(torch.tensor([t_orig[i]], device=z.device))
-            y = c_emb + t_emb
-            out = net.forward_embedded(torch.cat([x, x]) if guided else x, y)
+        steps = list(reversed(range(d.num_timesteps)))
+        # the adaLN outputs depend on (t, z) only: computed for many steps at once (one matmul of
+        # steps x rows, not 2-3 small ones per step), in chunks of at most ~MOD_CHUNK floats
+        t_emb = net.time_embed(torch.tensor([t_orig[i] for i in steps], device=z.device))  # (S, W)
+        per_step = c_emb.shape[0] * net.final_layer.linear.in_features * (3 * len(net.res_blocks) + 2)
+        chunk = max(1, self.MOD_CHUNK // max(per_step, 1))
+        mods = None
+        for k, i in enumerate(steps):
+            if k % chunk == 0:
+                mods = net.modulations(c_emb + t_emb[k:k + chunk, None])  # (s, rows, ...)
+            out = net.forward_modulated(torch.cat([x, x]) if guided else x, mods[k % chunk])
             if guided:
                 eps_c, eps_u = out[:n, :C], out[n:, :C]
                 eps = guide(eps_c, eps_u, cfg)  # eps_u + cfg (eps_c - eps_u)

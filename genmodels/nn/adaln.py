@@ -10,4 +10,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     The shift is added in place to the fresh product (autograd-safe: the product's backward
     needs only ``x`` and ``scale``), as the official VAR code writes it; one allocation fewer.
     """
-    return x.mul(scale.add(1)).add_(shift)
+    return modulate_1p(x, shift, scale.add(1))
+
+
+def modulate_1p(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor) -> torch.Tensor:
+    """``modulate`` with ``scale1p = 1 + scale`` computed once by the caller (a sampler that
+    applies one condition at many steps); the same float result."""
+    return x.mul(scale1p).add_(shift)

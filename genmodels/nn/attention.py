@@ -17,21 +17,39 @@ from torch import nn
 class KVCache:
     """Keys and values of past positions for incremental decoding.
 
-    ``k``/``v`` have shape (B, heads, T_past, head_dim). ``append`` concatenates the new
-    keys/values and returns the full tensors; ``enabled=False`` turns it into a no-op
-    store (for equality tests of cached vs uncached decoding).
+    ``k``/``v`` have shape (B, heads, T_past, head_dim). ``append`` adds the new keys/values
+    and returns the full tensors. Without ``capacity`` it concatenates (a new tensor per
+    call); with ``capacity`` (the most positions it will ever hold) it allocates one
+    (B, heads, capacity, head_dim) buffer per k and v at the first append and writes each new
+    chunk in place, returning views of the filled part: no reallocation and copying of the
+    past at every step (the same values, so the same attention outputs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.capacity = capacity
+        self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
+        if self.capacity is None:
+            if self.k is None:
+                self.k, self.v = k, v
+            else:
+                self.k = torch.cat([self.k, k], dim=2)
+                self.v = torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+        start = len(self)
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache(capacity={self.capacity}) cannot hold {end} positions")
+        if self._buf is None:
+            B, H, _, D = k.shape
+            self._buf = (k.new_empty(B, H, self.capacity, D), v.new_empty(B, H, self.capacity, v.shape[-1]))
+        kb, vb = self._buf
+        kb[:, :, start:end].copy_(k)
+        vb[:, :, start:end].copy_(v)
+        self.k, self.v = kb[:, :, :end], vb[:, :, :end]
         return self.k, self.v
 
     def __len__(self) -> int:
@@ -83,6 +101,34 @@ class Attention(nn.Module):
             self.scale_mul = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
         elif qk_norm is not None:
             raise ValueError(f"qk_norm must be None or 'l2', got {qk_norm!r}")
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The bias of the fused ``qkv`` projection (``[q_bias | 0 | v_bias]`` with ``"qv"``)."""
+        if self.q_bias is not None:
+            return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return self.qkv.bias
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Attention outputs at some query rows only: x (B, T, C), rows (B, T) bool with the same
+        number m of True per sample -> (B, m, C). Keys and values come from all T rows (no
+        mask, no cache); each output row equals ``forward(x)`` at that row (the queries and the
+        softmax of one row do not depend on the others). Skips 2/3 of the q projection, the
+        attention of the other rows and their output projection."""
+        B, T, C = x.shape
+        w, b = self.qkv.weight, self.qkv_bias()
+        xq = x[rows].view(B, -1, C)
+        q = F.linear(xq, w[:C], None if b is None else b[:C])
+        kv = F.linear(x, w[C:], None if b is None else b[C:])
+        q = q.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scale = self.scale
+        if self.qk_norm == "l2":
+            q = F.normalize(q, dim=-1) * self.scale_mul.clamp(max=4.605170185988092).exp()  # ln 100
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                             scale=scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, -1, C)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -172,3 +218,13 @@ class Block(nn.Module):
             return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), attn_mask, is_causal, cache)
         return x + self.mlp(self.norm2(x))
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Pre-LN block output at some rows only (no mask): x (B, T, C), rows (B, T) bool with the
+        same number m of True per sample -> (B, m, C), equal to ``forward(x)[rows]``. For a last
+        block whose other rows nobody reads (MAR's decoder: only the tokens predicted now)."""
+        if self.post_norm:
+            raise NotImplementedError("forward_rows is for pre-LN blocks")
+        B, T, C = x.shape
+        x_rows = x[rows].view(B, -1, C) + self.attn.forward_rows(self.norm1(x), rows)
+        return x_rows + self.mlp(self.norm2(x_rows))

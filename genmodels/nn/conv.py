@@ -239,8 +239,24 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, 1, 1)
+        self._level_channels = tuple(ch * m for m in ch_mult)
+
+    #: without autograd, decode in batch chunks whose largest activation stays under this many
+    #: bytes: a full-resolution activation of a whole batch is one fresh mmap (and thousands of
+    #: page faults) per layer and call, a chunk's is reused from the heap. Same values per sample.
+    INFERENCE_CHUNK_BYTES = 16 << 20
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = z.shape
+        if B > 1 and not torch.is_grad_enabled():
+            L = self.num_levels
+            per_sample = max(c * (h << (L - 1 - i)) * (w << (L - 1 - i)) for i, c in enumerate(self._level_channels))
+            n = max(1, self.INFERENCE_CHUNK_BYTES // (per_sample * z.element_size()))
+            if n < B:
+                return torch.cat([self._forward(c) for c in z.split(n)])
+        return self._forward(z)
+
+    def _forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for i in reversed(range(self.num_levels)):
             level = self.up[i]

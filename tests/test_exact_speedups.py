@@ -1,0 +1,179 @@
+"""The exact-tier speed-ups of issue 17: each new code path gives what the plain one gives.
+
+* top-p on the top-k survivors (``sampling.filter_logits_``) keeps the very same set as the
+  official full-vocabulary sort, bit for bit, including ties and -inf logits;
+* a KV cache with a preallocated buffer gives the same attention outputs as concatenation;
+* ``Block.forward_rows`` / MAR's decoder on the used rows only equal the full outputs at
+  those rows; the DiffLoss sampler with the adaLN outputs of all steps precomputed equals
+  the step-by-step network evaluation.
+(The official-parity tests in test_var.py / test_mar.py / test_diffloss.py run the same paths
+against recorded official outputs.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genmodels import sampling
+from genmodels.nn.attention import Attention, Block, KVCache
+from helpers import assert_close_f32
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def official_filter_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """VAR's official ``sample_with_top_k_top_p_`` masking (top_p in our convention, 1 = off)."""
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        logits.masked_fill_(logits < logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(-1, keepdim=True),
+                            -torch.inf)
+    if top_p < 1:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
+    return logits
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    yield torch.randn(3, 17, 512, generator=g) * 3, 64, 0.9           # plain
+    yield torch.randn(2, 5, 4096, generator=g) * 4, 900, 0.96         # VAR's FID setting
+    yield torch.randn(4, 300, generator=g), 1, 0.5                    # k = 1
+    yield torch.randn(4, 300, generator=g) * 10, 299, 0.2             # k = V - 1
+    yield torch.randint(-3, 4, (6, 200), generator=g).float(), 50, 0.7  # many ties (fallback)
+    x = torch.randn(5, 256, generator=g)
+    x[:, :250] = -torch.inf                                           # fewer finite logits than k
+    yield x, 16, 0.9
+    x = torch.randn(3, 128, generator=g)
+    x[0, 5] = x[0, 7] = x[0].max() + 1                                # tied top entries
+    yield x, 8, 0.3
+    yield torch.randn(2, 3, 1000, generator=g) * 0.01, 100, 0.999     # nearly flat: top-p keeps almost all
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_top_p_on_top_k_is_the_official_full_sort(case):
+    logits, k, p = list(_cases())[case]
+    want = official_filter_(logits.clone(), k, p)
+    got = sampling.filter_logits_(logits.clone(), k, p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got, want)
+
+
+def test_top_p_on_top_k_takes_the_short_path_and_the_same_draws():
+    """Random logits (the sampler's case) go through the survivors-only path, and the draws of
+    ``sample_categorical`` are the same as after the official masking."""
+    g = torch.Generator().manual_seed(1)
+    taken = []
+    orig = sampling._top_p_of_top_k_
+
+    def spy(*a):
+        taken.append(orig(*a))
+        return taken[-1]
+
+    sampling._top_p_of_top_k_ = spy
+    try:
+        for _ in range(20):
+            logits = torch.randn(4, 64, 4096, generator=g) * 3
+            want = official_filter_(logits.clone(), 900, 0.96)
+            got = sampling.filter_logits_(logits.clone(), 900, 0.96)
+            assert torch.equal(got, want)
+            a = sampling.sample_categorical(got, torch.Generator().manual_seed(3))
+            b = sampling.sample_categorical(want, torch.Generator().manual_seed(3))
+            assert torch.equal(a, b)
+    finally:
+        sampling._top_p_of_top_k_ = orig
+    assert all(taken) and len(taken) == 20
+
+
+def test_kv_cache_buffer_equals_concatenation():
+    torch.manual_seed(0)
+    attn = Attention(64, 4, qkv_bias="qv", qk_norm="l2").eval()
+    grow, buf = KVCache(), KVCache(capacity=30)
+    with torch.no_grad():
+        for T in (1, 4, 9, 16):
+            x = torch.randn(2, T, 64)
+            assert torch.equal(attn(x, cache=grow), attn(x, cache=buf))
+    assert len(buf) == len(grow) == 30
+    with pytest.raises(ValueError, match="capacity"):
+        buf.append(*(torch.zeros(2, 4, 1, 16),) * 2)
+
+
+def test_block_forward_rows_equals_full_rows():
+    torch.manual_seed(0)
+    blk = Block(64, 4).eval()
+    x = torch.randn(3, 20, 64)
+    rows = torch.zeros(3, 20, dtype=torch.bool)
+    for b, idx in enumerate(([1, 5, 19], [0, 2, 3], [7, 8, 9])):
+        rows[b, idx] = True
+    with torch.no_grad():
+        full = blk(x)[rows].view(3, 3, 64)
+        part = blk.forward_rows(x, rows)
+    assert_close_f32(part, full, what="forward_rows")
+
+
+def test_mar_decoder_rows_and_sampling():
+    from genmodels.generators.mar import MAR
+
+    torch.manual_seed(0)
+    m = MAR(token_shape=(4, 4), token_channels=4, num_classes=3, encoder_embed_dim=32, encoder_depth=1,
+            encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, buffer_size=2,
+            diffloss_d=1, diffloss_w=32, num_sampling_steps="4", attn_dropout=0.0, proj_dropout=0.0).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randn(2, 16, 4)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :10] = mask[1, 6:] = True
+    rows = mask.clone()
+    rows[0, :4] = rows[1, 6:10] = False
+    with torch.no_grad():
+        enc = m.forward_mae_encoder(tokens, mask, m.class_embedding(torch.tensor([0, 3])))
+        full = m.forward_mae_decoder(enc, mask)
+        assert_close_f32(m.forward_mae_decoder(enc, mask, rows=rows), full[rows], what="decoder z[rows]")
+        uneven = rows.clone()
+        uneven[0, 5] = False  # different counts per sample: the full path, same values
+        assert torch.equal(m.forward_mae_decoder(enc, mask, rows=uneven), full[uneven])
+    # the training loss sees the same z (same masks, t and noise draws)
+    m.train()
+    m.label_drop_prob = 0.0
+    torch.manual_seed(5)
+    a = m.forward_loss(tokens, torch.tensor([0, 1]), mask=mask)["loss"]
+    z = m.forward_mae_decoder(m.forward_mae_encoder(tokens, mask, m.class_embedding(torch.tensor([0, 1]))), mask)
+    torch.manual_seed(5)
+    b = m.token_loss(z[mask], tokens[mask])["loss"]
+    assert_close_f32(a, b, what="training loss")
+
+
+def _stepwise_sample(dl, z, temperature, cfg, noise, step_noises):
+    """DiffLoss sampling with the network evaluated step by step (the plain algorithm)."""
+    d = dl.gen_diffusion
+    guided = cfg != 1.0
+    n, C = noise.shape[0], dl.in_channels
+    x = noise
+    for k, i in enumerate(reversed(range(d.num_timesteps))):
+        t = torch.full((z.shape[0],), int(d.timestep_map[i]))
+        out = dl.net(torch.cat([x, x]) if guided else x, t, z)
+        eps = sampling.guide(out[:n, :C], out[n:, :C], cfg) if guided else out[:, :C]
+        mean, logvar, _ = d.p_mean_variance(eps, out[:n, C:], x, i)
+        x = mean + torch.exp(0.5 * logvar) * step_noises[k] * temperature if i > 0 else mean
+    return x
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize("chunk", [1 << 24, 1])
+def test_diffloss_batched_modulations_equal_stepwise(cfg, chunk, monkeypatch):
+    from genmodels.losses.diffusion import DiffLoss
+
+    torch.manual_seed(0)
+    dl = DiffLoss(target_channels=4, z_channels=8, depth=2, width=32, num_sampling_steps="10").eval()
+    for p in dl.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    monkeypatch.setattr(DiffLoss, "MOD_CHUNK", chunk)  # all steps at once, or one step per matmul
+    n = 6
+    z = torch.randn(2 * n if cfg != 1 else n, 8)
+    noise = torch.randn(n, 4)
+    steps = [torch.randn(n, 4) for _ in range(10)]
+    with torch.no_grad():
+        got = dl.sample(z, 0.9, cfg, noise=noise, step_noises=steps)
+        want = _stepwise_sample(dl, z, 0.9, cfg, noise, steps)
+    assert_close_f32(got, want, what="DiffLoss sample")
