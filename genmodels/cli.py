@@ -191,6 +191,18 @@ def evaluate_main(argv: list[str]) -> None:
     run(argv)
 
 
+def add_pipeline_source(ap: Any) -> None:
+    """The pipeline options ``sample`` and ``edit`` share: ``--ckpt X`` or ``--official NAME``
+    (``--weights DIR`` / ``--download``), the names listed from ``genmodels.pipeline.OFFICIAL``."""
+    from genmodels.pipeline import OFFICIAL
+
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a `genmodels fit` checkpoint of a GeneratorModule")
+    src.add_argument("--official", help="an official model: " + ", ".join(sorted(OFFICIAL)))
+    ap.add_argument("--weights", help="folder with the official files (with --official)")
+    ap.add_argument("--download", action="store_true", help="fetch the official files into the cache (--official)")
+
+
 def sample_main(argv: list[str]) -> None:
     """``genmodels sample --ckpt X --classes 1,7 --num 8 --out grid.png`` (or ``--official var-d16
     --weights DIR``): a grid, one row per class, of the first ``--num`` samples of each class by
@@ -204,11 +216,7 @@ def sample_main(argv: list[str]) -> None:
     from genmodels.utils.images import save_grid, write_adm_npz
 
     ap = argparse.ArgumentParser(prog="genmodels sample", description=sample_main.__doc__.split("\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a `genmodels fit` checkpoint of a GeneratorModule")
-    src.add_argument("--official", help="an official model: var-d16 .. var-d30, mar-base / mar-large / mar-huge")
-    ap.add_argument("--weights", help="folder with the official files (with --official)")
-    ap.add_argument("--download", action="store_true", help="fetch the official files into the cache (--official)")
+    add_pipeline_source(ap)
     ap.add_argument("--classes", default="0", help="comma-separated class ids (default 0)")
     ap.add_argument("--num", type=int, default=8, help="samples per class (default 8)")
     ap.add_argument("--out", default="samples.png", help="grid PNG (a .npz path writes the ADM .npz instead)")
@@ -263,11 +271,7 @@ def edit_main(argv: list[str]) -> None:
     from genmodels.utils.images import load_png
 
     ap = argparse.ArgumentParser(prog="genmodels edit", description=edit_main.__doc__.split("\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a `genmodels fit` checkpoint of a GeneratorModule")
-    src.add_argument("--official", help="an official model: var-d16 .. var-d30, mar-base / mar-large / mar-huge")
-    ap.add_argument("--weights", help="folder with the official files (with --official)")
-    ap.add_argument("--download", action="store_true", help="fetch the official files into the cache (--official)")
+    add_pipeline_source(ap)
     ap.add_argument("--image", required=True, help="the image to edit (PNG / JPEG of the model's size)")
     ap.add_argument("--mask", required=True, help="mask image of the same size: white (> 127) = regenerate")
     ap.add_argument("--class", dest="class_id", type=int, required=True, help="class to generate in the masked region")

@@ -100,3 +100,28 @@ def _log_tolerance(what: str, err: float, rtol: float) -> None:
 # the difference of terms much larger than itself (tr S1 + tr S2 + |mu1|^2 + |mu2|^2 ~ 2000 for
 # FID ~ 40 with the digits classifier: a factor ~50), so FID agrees to ~5e-5 relative at worst.
 SCORE_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------- tiny tokenizers shared by test files
+def gen(seed: int = 0):
+    """A CPU ``torch.Generator`` seeded with ``seed``."""
+    import torch
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_vq(patch_nums=(8,)):
+    """A random 16-px multi-scale VQ-VAE (32 codes; one scale of 8x8 tokens by default = a 2D VQ)."""
+    import torch
+    from genmodels.tokenizers.multiscale_vq import VQVAE
+    torch.manual_seed(0)
+    return VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1, decoder_blocks_per_level=1,
+                 using_sa=False, using_mid_sa=False, v_patch_nums=list(patch_nums)).eval()
+
+
+def tiny_kl():
+    """A random 16-px KL-VAE (8x8x4 continuous tokens)."""
+    import torch
+    from genmodels.tokenizers.kl_vae import KLVAE
+    torch.manual_seed(0)
+    return KLVAE(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=(),
+                 scale_factor=1.0).eval()

@@ -26,27 +26,14 @@ from genmodels.generators.mar import MAR
 from genmodels.generators.maskgit import MaskGIT
 from genmodels.generators.var import VAR
 from genmodels.pipeline import Pipeline, fetch_file, seed_for
-from genmodels.tokenizers.kl_vae import KLVAE
-from genmodels.tokenizers.multiscale_vq import VQVAE
+
+from helpers import gen, tiny_kl, tiny_vq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3  # classes
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def vq(patch_nums=(8,)) -> VQVAE:
-    torch.manual_seed(0)
-    return VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1, decoder_blocks_per_level=1,
-                 using_sa=False, using_mid_sa=False, v_patch_nums=list(patch_nums)).eval()
-
-
-def kl() -> KLVAE:
-    torch.manual_seed(0)
-    return KLVAE(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=(),
-                 scale_factor=1.0).eval()
+vq, kl = tiny_vq, tiny_kl  # the tiny random tokenizers every pipeline test builds on (tests/helpers.py)
 
 
 MAR_SMALL = dict(token_shape=(8, 8), num_classes=C, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
