@@ -70,6 +70,11 @@ LEVERS = {
     "mar_last_block_rows": "MAR: last decoder block + norm only on the tokens whose z is used (sampling, training)",
     "diffloss_adaln_batched": "DiffLoss sampling: the adaLN outputs of all steps in one matmul (steps x rows)",
     "diffloss_embeddings_once": "DiffLoss sampling: condition embedding once, time embeddings of all steps at once",
+    "cpu_dropout_pcg64": "dropout masks (nn.dropout) from numpy's PCG64 bits, not torch's CPU bernoulli_ "
+                         "(MAR: dropout 0.1 on attention weights, projections, MLP)",
+    "diffloss_train_embed_once": "DiffLoss training: z embedded once per token, not per diffusion_batch_mul copy; "
+                                 "time embedding once per distinct t",
+    "fused_adamw_cpu": "training: AdamW fused on the CPU (training.common.adamw; the trainer's optimizer)",
 }
 
 
@@ -244,6 +249,9 @@ def build_mar(mar_mod, side: int, buffer_size: int = 64):
 
 
 def mar_measures(args, root: Path) -> dict:
+    # what GeneratorModule.configure_optimizers builds (imports Lightning: before torchvision's stub)
+    from genmodels.training.common import adamw
+
     mar_mod = import_official_mar(root)
     out = {}
     theirs, ours, kw = build_mar(mar_mod, 16)
@@ -274,7 +282,7 @@ def mar_measures(args, root: Path) -> dict:
         orders = theirs.sample_orders(B)
         masks.append(theirs.random_masking(tokens, orders).bool())
     opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
+    opt_o = adamw(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
     counter = {"t": 0, "o": 0}
 
     def official_step():

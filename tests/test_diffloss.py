@@ -55,6 +55,29 @@ def test_training_loss_terms_match_official(dl, rec):
     assert_close_f32(loss, (rec["train_loss"] * mask).sum() / 6, what="masked mean loss")
 
 
+def test_repeated_rows_embed_z_once_with_the_same_terms_and_gradients(dl):
+    """loss_terms(target, z, repeat=r) == loss_terms on the r-fold copies (MAR's
+    diffusion_batch_mul): same t / noise per copy, same terms, same gradient w.r.t. z."""
+    g = torch.Generator().manual_seed(0)
+    target, z = torch.randn(5, 4, generator=g), torch.randn(5, 8, generator=g)
+    t = torch.randint(0, 1000, (15,), generator=g)
+    t[3] = t[9]  # a repeated timestep (embedded once)
+    noise = torch.randn(15, 4, generator=g)
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a = dl.loss_terms(target, z1, t=t, noise=noise, repeat=3)
+    b = dl.loss_terms(target.repeat(3, 1), z2.repeat(3, 1), t=t, noise=noise)
+    for k in ("mse", "vb", "loss"):
+        assert_close_f32(a[k], b[k], what=k, elementwise=True)
+    a["loss"].sum().backward()
+    b["loss"].sum().backward()
+    assert_close_f32(z1.grad, z2.grad, what="dL/dz")
+    torch.manual_seed(4)
+    c = dl.loss_terms(target, z, repeat=3)["loss"]
+    torch.manual_seed(4)
+    d = dl.loss_terms(target.repeat(3, 1), z.repeat(3, 1))["loss"]  # the same draws of t and noise
+    assert_close_f32(c, d, what="drawn t / noise", elementwise=True)
+
+
 def test_sampling_schedule_matches_official(rec):
     d = create_diffusion("100")
     assert d.timestep_map.tolist() == rec["gen100_timestep_map"].tolist()

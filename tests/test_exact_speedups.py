@@ -177,3 +177,26 @@ def test_diffloss_batched_modulations_equal_stepwise(cfg, chunk, monkeypatch):
         got = dl.sample(z, 0.9, cfg, noise=noise, step_noises=steps)
         want = _stepwise_sample(dl, z, 0.9, cfg, noise, steps)
     assert_close_f32(got, want, what="DiffLoss sample")
+
+
+def test_adamw_is_fused_on_cpu_unless_mixed_precision_and_steps_like_the_plain_one():
+    from types import SimpleNamespace
+
+    from genmodels.training.common import adamw
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    b.load_state_dict(a.state_dict())
+    fused = adamw([{"params": list(a.parameters()), "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    plain = torch.optim.AdamW([{"params": list(b.parameters()), "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for m, o in ((a, fused), (b, plain)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close_f32(p, q, what="fused AdamW parameters")
+    mixed = adamw(a.parameters(), SimpleNamespace(precision="bf16-mixed"), lr=1e-3)
+    assert not mixed.defaults["fused"]  # Lightning refuses clipping with self-unscaling optimizers there

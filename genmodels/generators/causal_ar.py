@@ -27,6 +27,7 @@ from torch import nn
 from genmodels import sampling
 from genmodels.generators.base import Generator, raster_suffix_start
 from genmodels.nn.attention import Block, KVCache
+from genmodels.nn.dropout import Dropout
 from genmodels.tokenizers.base import TokenSpec
 
 
@@ -61,7 +62,7 @@ class CausalAR(Generator):
         self.tok_embed = nn.Embedding(self.vocab_size, hidden_size)
         self.class_embed = nn.Embedding(self.num_classes + 1, hidden_size)   # row C = null class
         self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, hidden_size))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList([
             Block(hidden_size, num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, drop=dropout, attn_drop=attn_dropout)
             for _ in range(depth)])

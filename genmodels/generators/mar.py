@@ -392,7 +392,7 @@ class MAR(Generator):
             loss = F.cross_entropy(logits.float(), target)
             return {"loss": loss, "acc": (logits.argmax(-1) == target).float().mean()}
         mul = self.diffusion_batch_mul
-        terms = self.diffloss.loss_terms(target.repeat(mul, 1), z.repeat(mul, 1))
+        terms = self.diffloss.loss_terms(target, z, repeat=mul)
         return {"loss": terms["loss"].mean(), "mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
 
     # ------------------------------------------------------------------ sampling

@@ -46,6 +46,7 @@ from genmodels import sampling
 from genmodels.generators.base import Generator
 from genmodels.sampling import gumbel_noise
 from genmodels.nn.attention import Block
+from genmodels.nn.dropout import Dropout
 from genmodels.tokenizers.base import TokenSpec
 
 MASK_SCHEDULES = ("arccos", "cosine", "linear")
@@ -125,7 +126,7 @@ class MaskGIT(Generator):
         self.position_embeddings = nn.Embedding(self.seq_len + 1, hidden_size)
         self.token_type_embeddings = nn.Embedding(2, hidden_size)  # only row 0 is used; 2 rows as BERT's checkpoint
         self.embed_norm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.embed_drop = nn.Dropout(dropout)
+        self.embed_drop = Dropout(dropout)
         self.blocks = nn.ModuleList([
             Block(hidden_size, num_heads, mlp_ratio=intermediate_size / hidden_size, qkv_bias=True, norm_eps=1e-12,
                   drop=dropout, attn_drop=attn_dropout, post_norm=True, mlp_hidden_drop=0.0)

@@ -341,8 +341,14 @@ class SimpleMLPAdaLN(nn.Module):
                 h = block(h, y)
         return self.final_layer(h, y)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """x (N, in), t (N,), c (N / repeat, z_channels) -> (N, out); row i takes the condition
+        ``c[i % (N / repeat)]`` (MAR's ``diffusion_batch_mul`` copies). The condition embedding
+        is computed once per distinct row of c and the time embedding once per distinct t
+        (~1000 values): the same rows as embedding every row (per-row float32 results)."""
+        tu, inv = torch.unique(t, return_inverse=True)
+        cond = self.cond_embed(c)
+        return self.forward_embedded(x, self.time_embed(tu)[inv] + (cond.repeat(repeat, 1) if repeat > 1 else cond))
 
     def modulations(self, y: torch.Tensor) -> torch.Tensor:
         """All adaLN outputs at once: y (..., width) -> (..., width * (3 depth + 2)), the
@@ -402,20 +408,25 @@ class DiffLoss(nn.Module):
         self.gen_diffusion = create_diffusion(self.num_sampling_steps, noise_schedule, diffusion_steps)
 
     def loss_terms(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   noise: torch.Tensor | None = None, repeat: int = 1) -> dict[str, torch.Tensor]:
         """Per-row terms (N,) for targets (N, C) and conditions (N, D); ``t`` ~ U{0..T-1} and
-        ``noise`` ~ N(0, I) are drawn (global torch RNG) unless given."""
+        ``noise`` ~ N(0, I) are drawn (global torch RNG) unless given. ``repeat`` r: the rows
+        are r copies of each (target, z) (MAR's ``diffusion_batch_mul``; terms (r N,), copy k
+        of row j at k N + j, as ``target.repeat(r, 1)``), each with its own t and noise; z's
+        embedding is computed once per row, not per copy."""
         if target.ndim != 2 or target.shape[1] != self.in_channels:
             raise ValueError(f"DiffLoss targets must be (N, {self.in_channels}), got {tuple(target.shape)}")
         if z.shape[0] != target.shape[0]:
             raise ValueError(f"DiffLoss got {target.shape[0]} targets but {z.shape[0]} conditions z")
+        if repeat > 1:
+            target = target.repeat(repeat, 1)
         d = self.train_diffusion
         if t is None:
             t = torch.randint(0, d.num_timesteps, (target.shape[0],), device=target.device)
         if noise is None:
             noise = torch.randn_like(target)
         x_t = d.q_sample(target, t, noise)
-        out = self.net(x_t, d.timestep_map.to(t.device)[t], z)
+        out = self.net(x_t, d.timestep_map.to(t.device)[t], z, repeat)
         return d.training_losses(out, target, x_t, t, noise)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,

@@ -13,6 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels.nn.dropout import Dropout, dropout
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (q (B, H, T, d), k / v (B, H, S, d) -> (B, H, T, d)),
+    except on the CPU with ``dropout_p > 0``: there torch takes its math path anyway
+    (materialised (T, S) weights) and draws the dropout mask with its slow CPU Bernoulli;
+    this spells the same math out with :func:`genmodels.nn.dropout.dropout`'s mask."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    w = (q * s) @ k.transpose(-2, -1)
+    if is_causal:
+        T, S = w.shape[-2:]
+        w = w.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=w.device).tril(), float("-inf"))  # top-left, as torch
+    if attn_mask is not None:
+        w = w.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else w + attn_mask
+    return dropout(w.softmax(-1), dropout_p) @ v
+
 
 class KVCache:
     """Keys and values of past positions for incremental decoding.
@@ -95,7 +117,7 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.scale = scale
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+        self.attn_drop, self.proj_drop = attn_drop, Dropout(proj_drop)
         self.qk_norm = qk_norm
         if qk_norm == "l2":
             self.scale_mul = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
@@ -126,7 +148,7 @@ class Attention(nn.Module):
             q = F.normalize(q, dim=-1) * self.scale_mul.clamp(max=4.605170185988092).exp()  # ln 100
             k = F.normalize(k, dim=-1)
             scale = 1.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+        out = scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                              scale=scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, -1, C)))
 
@@ -148,7 +170,7 @@ class Attention(nn.Module):
             if is_causal and len(cache):
                 raise ValueError("is_causal with a non-empty cache is ambiguous: pass an explicit attn_mask")
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+        out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              dropout_p=self.attn_drop if self.training else 0.0, scale=scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
 
@@ -185,8 +207,8 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-        self.hidden_drop = self.drop if hidden_drop is None else nn.Dropout(hidden_drop)
+        self.drop = Dropout(drop)
+        self.hidden_drop = self.drop if hidden_drop is None else Dropout(hidden_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.hidden_drop(self.act(self.fc1(x)))))

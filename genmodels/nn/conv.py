@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels.nn.dropout import Dropout
+
 
 def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm(32, eps 1e-6, affine), as in LDM / VAR."""
@@ -53,7 +55,7 @@ class ResnetBlock(nn.Module):
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
         self.norm2 = Normalize(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 

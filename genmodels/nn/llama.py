@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genmodels.nn.attention import KVCache
+from genmodels.nn.attention import KVCache, scaled_dot_product_attention
+from genmodels.nn.dropout import Dropout
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -48,7 +49,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -88,7 +89,7 @@ class LlamaAttention(nn.Module):
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.attn_dropout = attn_dropout
-        self.resid_dropout = nn.Dropout(resid_dropout)
+        self.resid_dropout = Dropout(resid_dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, C), rope (T, head_dim/2, 2) for these positions. Without a cache: causal over
@@ -103,7 +104,7 @@ class LlamaAttention(nn.Module):
             if len(cache) and T > 1:
                 raise ValueError("LlamaAttention decodes one position at a time once the cache is filled")
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+        out = scaled_dot_product_attention(q, k, v, is_causal=causal,
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, C)))
 

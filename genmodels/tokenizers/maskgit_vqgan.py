@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genmodels.nn.dropout import Dropout
+
 from genmodels.errors import GenmodelsError
 from genmodels.tokenizers.base import Tokenizer, TokenSpec
 from genmodels.tokenizers.quantizers import VectorQuantizer
@@ -64,7 +66,7 @@ class ResnetBlock(nn.Module):
         self.norm1 = _norm(in_channels)
         self.conv1 = Conv2dSame(in_channels, out_channels, 3, bias=False)
         self.norm2 = _norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = Conv2dSame(out_channels, out_channels, 3, bias=False)
         self.changes_channels = in_channels != out_channels
         if self.changes_channels:

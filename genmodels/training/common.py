@@ -34,6 +34,20 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay_names: Iterabl
     return groups
 
 
+def adamw(groups: Iterable, trainer: Any = None, **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(groups, **kwargs)``, fused (one vectorised kernel for all tensors)
+    when every parameter is a plain CPU tensor and the trainer's precision is not mixed: on
+    the CPU torch otherwise steps parameter by parameter (MAR 31M: 0.18 s -> 0.04 s per step,
+    1 thread). Lightning refuses gradient clipping with optimizers that unscale internally
+    (fused ones do) under mixed precision, so those keep the default."""
+    groups = list(groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+    fused = (bool(params) and "mixed" not in precision
+             and all(type(p.data) is torch.Tensor and p.device.type == "cpu" for p in params))
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 LR_SCHEDULES = ("constant", "cosine", "linear", "var_lin0", "var_lin", "var_lin00", "var_cos", "var_lin<T>")
 
 

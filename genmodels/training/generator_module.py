@@ -29,7 +29,7 @@ from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import (check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
+from genmodels.training.common import (adamw, check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
                                        param_groups, seed_step)
 from genmodels.pipeline import DEFAULT_BLOCK_SIZE, Pipeline
 from genmodels.training.quiet import ignore_frozen_eval_modules
@@ -59,6 +59,12 @@ class GeneratorModule(LightningModule):
             per-class blocks of S; grids, predict and test all use it (a grid costs
             ``grid_classes * S`` samples).
         evaluator: a ``genmodels.evaluation.Evaluator`` used by ``genmodels test``.
+        compile: ``torch.compile`` the generator's training loss (``forward_loss``; inductor
+            fuses the element-wise ops of forward and backward): opt-in, it costs a compilation
+            at the first step (minutes on a CPU) and a recompilation when the shapes change;
+            random draws inside the loss (masks, noise) then come from inductor's generator
+            (same distributions and seeding, other numbers); the speed-up is measured in
+            ``benchmarks/results/speed.md``.
     """
 
     def __init__(self, generator: Generator, tokenizer_ckpt: str | None = None, tokenizer: Tokenizer | None = None,
@@ -68,7 +74,8 @@ class GeneratorModule(LightningModule):
                  sample_kwargs: dict[str, Any] | None = None,
                  grid_per_class: int = 4, grid_classes: int | None = 10,
                  grid_sample_kwargs: dict[str, Any] | None = None, seed: int = 0,
-                 evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 evaluator: Evaluator | None = None, sample_block_size: int = DEFAULT_BLOCK_SIZE,
+                 compile: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "tokenizer", "evaluator"])
         lr_lambda(lr_schedule, 0, 1)  # validate the name early
@@ -146,7 +153,9 @@ class GeneratorModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, labels = self.tokens_and_labels(batch)
-        out = self.generator.forward_loss(tokens, labels)
+        if self.hparams.get("compile") and getattr(self, "_compiled_loss", None) is None:
+            self._compiled_loss = torch.compile(self.generator.forward_loss)
+        out = (getattr(self, "_compiled_loss", None) or self.generator.forward_loss)(tokens, labels)
         check_finite_losses(out, self.global_step, self.trainer.strategy)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()
                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
@@ -266,7 +275,7 @@ class GeneratorModule(LightningModule):
         h = self.hparams
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
         no_decay = self.generator.no_weight_decay() if hasattr(self.generator, "no_weight_decay") else ()
-        opt = torch.optim.AdamW(param_groups(self.generator, h.weight_decay, no_decay), lr=h.lr, betas=h.betas)
+        opt = adamw(param_groups(self.generator, h.weight_decay, no_decay), self._trainer, lr=h.lr, betas=h.betas)
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio,
                                                                h.start_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}

@@ -21,7 +21,7 @@ from genmodels.evaluation.results import model_metadata
 from genmodels.losses.gan import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from genmodels.losses.perceptual import LPIPS
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import (check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
+from genmodels.training.common import (adamw, check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
                                        param_groups, seed_step)
 from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import save_grid
@@ -177,12 +177,12 @@ class TokenizerModule(LightningModule):
         h = self.hparams
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
         fn = lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio)
-        opt = torch.optim.AdamW(param_groups(self.tokenizer, h.weight_decay), lr=h.lr, betas=h.betas)
+        opt = adamw(param_groups(self.tokenizer, h.weight_decay), self._trainer, lr=h.lr, betas=h.betas)
         sch = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, fn), "interval": "step"}
         if self.discriminator is None:
             return {"optimizer": opt, "lr_scheduler": sch}
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=h.betas,
-                                  weight_decay=0.0)
+        opt_d = adamw(self.discriminator.parameters(), self._trainer, lr=h.disc_lr or h.lr, betas=h.betas,
+                      weight_decay=0.0)
         sch_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, fn), "interval": "step"}
         return [opt, opt_d], [sch, sch_d]
 
