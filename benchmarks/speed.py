@@ -208,6 +208,12 @@ def var_measures(args, root: Path) -> tuple[dict, dict]:
         var.forward_loss(tokens, tl)["loss"].backward()
         var.zero_grad(set_to_none=True)
 
+    compiled = torch.compile(var.forward_loss) if args.compile else None
+
+    def ours_step_compiled():  # GeneratorModule(compile=True): the opt-in lever
+        compiled(tokens, tl)["loss"].backward()
+        var.zero_grad(set_to_none=True)
+
     out = {}
     for t in args.threads:
         torch.set_num_threads(t)
@@ -219,6 +225,9 @@ def var_measures(args, root: Path) -> tuple[dict, dict]:
             ovar.train(), var.train()
             out[f"var_train@{t}"] = interleaved(official_step, ours_step, args.repeats)
             report(f"var_train@{t}", out[f"var_train@{t}"])
+            if compiled is not None:
+                out[f"var_train_compiled@{t}"] = interleaved(official_step, ours_step_compiled, args.repeats)
+                report(f"var_train_compiled@{t}", out[f"var_train_compiled@{t}"])
     ovar.eval(), var.eval()
     return out, check
 
@@ -436,6 +445,8 @@ def main() -> None:
     ap.add_argument("--mar-big-iters", type=int, default=4)
     ap.add_argument("--only", nargs="+", default=["var_sample", "var_train", "mar_sample", "mar_train",
                                                   "mar_sample_big"])
+    ap.add_argument("--compile", action="store_true",
+                    help="also time our VAR training step under torch.compile (GeneratorModule(compile=True))")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-only", action="store_true")
     ap.add_argument("--label", default="after", help="profile label (before / after)")

@@ -146,54 +146,72 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     when the probability mass of the strictly more likely tokens is < p: computed as VAR's
     official ``sample_with_top_k_top_p_`` does (ascending sort, drop where the cumulative
     mass <= 1 - p), so its float rounding is the same; the most likely token always stays.
-    With both on, the nucleus is found among the k survivors only (``_top_p_of_top_k_``: no
-    sort of the whole vocabulary, the same filtered set bit for bit).
+    With both on, the nucleus is found among the top-k survivors only (``_top_p_of_top_k_``:
+    no sort of the whole vocabulary, the same filtered set bit for bit); rows it cannot
+    decide take the full sort.
     """
     V = logits.shape[-1]
     if 0 < top_k < V:
         if top_p < 1.0:
+            flat = logits.view(-1, V)
             # the k + 1 largest: the (k+1)-th tells whether the k-th value is tied (more survivors)
-            vals, idx = logits.topk(top_k + 1, dim=-1, largest=True, sorted=True)
-            if _top_p_of_top_k_(logits, vals, idx, top_p):
-                return logits
-            logits.masked_fill_(logits < vals[..., top_k - 1:top_k], -torch.inf)
-        else:
-            kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-            logits.masked_fill_(logits < kth, -torch.inf)
+            vals, idx = flat.topk(top_k + 1, dim=-1, largest=True, sorted=True)
+            kth = vals[:, top_k - 1:top_k]
+            if bool((vals[:, top_k] == kth[:, 0]).any()):
+                # ties at the k-th value (common with bfloat16 logits): every logit >= it survives;
+                # take the largest survivor count m of any row (+1 to see past it)
+                m = int((flat >= kth).sum(-1).max())
+                if m < V:
+                    vals, idx = flat.topk(m + 1, dim=-1, largest=True, sorted=True)
+            rest = ~_top_p_of_top_k_(flat, vals, idx, top_p, kth)
+            if bool(rest.any()):
+                sub = flat[rest]
+                flat[rest] = _top_p_sorted_(sub.masked_fill_(sub < kth[rest], -torch.inf), top_p)
+            return logits
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
     if top_p < 1.0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+        _top_p_sorted_(logits, top_p)
     return logits
 
 
-def _top_p_of_top_k_(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_p: float) -> bool:
-    """Top-k then top-p of ``filter_logits_`` from the k + 1 largest logits ``vals`` / ``idx``
-    (..., k + 1) (descending): writes the filtered ``logits`` (..., V) and returns True, or
-    returns False with ``logits`` untouched when the result could differ from the official
-    full-vocabulary sort (the caller then runs that).
-
-    The official ascending sort of the top-k-masked logits is V - k entries of -inf followed
-    by the k survivors in ascending order; that row is built directly (no sort of V entries),
-    so its softmax and cumulative sum are the official ones bit for bit (the same input to the
-    same ops). It falls back when the k-th value is tied with the (k+1)-th (then more than k
-    entries survive top-k) or is -inf/NaN, and when equal survivors are split by the top-p
-    threshold (their order in a sort is arbitrary, so which one is dropped is the sort's).
-    """
-    V, k = logits.shape[-1], vals.shape[-1] - 1
-    kth = vals[..., k - 1]
-    if bool((kth == vals[..., k]).any()) or not bool(torch.isfinite(vals[..., :k]).all()):
-        return False
-    asc, asc_idx = vals[..., :k].flip(-1), idx[..., :k].flip(-1)
-    row = logits.new_full(logits.shape, -torch.inf)
-    row[..., V - k:] = asc
-    remove = row.softmax(dim=-1).cumsum_(dim=-1)[..., V - k:] <= (1 - top_p)
+def _top_p_sorted_(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The official top-p in place (ascending sort, drop where the cumulative mass <= 1 - p)."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
     remove[..., -1:] = False
-    if k > 1 and bool(((asc[..., 1:] == asc[..., :-1]) & (remove[..., 1:] != remove[..., :-1])).any()):
-        return False
-    logits.fill_(-torch.inf).scatter_(-1, asc_idx, asc.masked_fill_(remove, -torch.inf))
-    return True
+    return logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+
+
+def _top_p_of_top_k_(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_p: float,
+                     kth: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p of ``filter_logits_`` for rows of ``logits`` (N, V) from their m + 1
+    largest logits ``vals`` / ``idx`` (N, m + 1) (descending; m >= k; ``kth`` (N, 1) is the
+    k-th largest, a logit >= it survives top-k): writes the filtered rows it can decide and
+    returns which (N,) bool; the others stay untouched (the caller sorts them).
+
+    The official ascending sort of a top-k-masked row is -inf entries followed by the
+    survivors in ascending order; that row is built directly from the m largest, the
+    non-survivors among them set to -inf (no sort of V entries), so its softmax and cumulative
+    sum are the official ones bit for bit (the same values into the same ops). A row is left
+    to the sort when a survivor lies past its m-th value, when its k-th or largest value is not
+    finite, and when equal survivors are split by the top-p threshold (their order in a sort is
+    arbitrary, so which one is dropped is the sort's).
+    """
+    V, m = logits.shape[-1], vals.shape[-1] - 1
+    ok = (vals[:, m] < kth[:, 0]) & torch.isfinite(kth[:, 0]) & torch.isfinite(vals[:, 0])
+    asc, asc_idx = vals[:, :m].masked_fill(vals[:, :m] < kth, -torch.inf).flip(-1), idx[:, :m].flip(-1)
+    row = logits.new_full(logits.shape, -torch.inf)
+    row[:, V - m:] = asc
+    remove = row.softmax(dim=-1).cumsum_(dim=-1)[:, V - m:] <= (1 - top_p)
+    remove[:, -1:] = False
+    if m > 1:
+        ok &= ~((asc[:, 1:] == asc[:, :-1]) & (remove[:, 1:] != remove[:, :-1])).any(-1)
+    if bool(ok.all()):
+        logits.fill_(-torch.inf).scatter_(-1, asc_idx, asc.masked_fill_(remove, -torch.inf))
+    elif bool(ok.any()):
+        logits[ok] = row.fill_(-torch.inf)[ok].scatter_(-1, asc_idx[ok], asc[ok].masked_fill_(remove[ok], -torch.inf))
+    return ok
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -49,9 +49,15 @@ def _cases():
     x[0, 5] = x[0, 7] = x[0].max() + 1                                # tied top entries
     yield x, 8, 0.3
     yield torch.randn(2, 3, 1000, generator=g) * 0.01, 100, 0.999     # nearly flat: top-p keeps almost all
+    # bfloat16 logits (the bf16 tier): ties at the k-th value in most rows, different survivor counts
+    yield (torch.randn(4, 16, 4096, generator=g) * 4).bfloat16().float(), 900, 0.96
+    x = torch.randn(6, 500, generator=g)
+    x[0, :40] = 2.5                                                   # 40 tied at the k-th (k = 20) in one row only
+    yield x, 20, 0.8
+    yield (torch.randn(3, 2000, generator=g) * 0.3).bfloat16().float(), 50, 0.5  # widened, then top-p splits ties
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_top_p_on_top_k_is_the_official_full_sort(case):
     logits, k, p = list(_cases())[case]
     want = official_filter_(logits.clone(), k, p)
@@ -67,8 +73,8 @@ def test_top_p_on_top_k_takes_the_short_path_and_the_same_draws():
     taken = []
     orig = sampling._top_p_of_top_k_
 
-    def spy(*a):
-        taken.append(orig(*a))
+    def spy(*a, **k):
+        taken.append(orig(*a, **k))
         return taken[-1]
 
     sampling._top_p_of_top_k_ = spy
@@ -83,7 +89,7 @@ def test_top_p_on_top_k_takes_the_short_path_and_the_same_draws():
             assert torch.equal(a, b)
     finally:
         sampling._top_p_of_top_k_ = orig
-    assert all(taken) and len(taken) == 20
+    assert all(bool(t.all()) for t in taken) and len(taken) == 20
 
 
 def test_kv_cache_buffer_equals_concatenation():
@@ -200,3 +206,58 @@ def test_adamw_is_fused_on_cpu_unless_mixed_precision_and_steps_like_the_plain_o
         assert_close_f32(p, q, what="fused AdamW parameters")
     mixed = adamw(a.parameters(), SimpleNamespace(precision="bf16-mixed"), lr=1e-3)
     assert not mixed.defaults["fused"]  # Lightning refuses clipping with self-unscaling optimizers there
+
+
+@pytest.mark.parametrize("ends,tail", [((1, 5, 14, 30, 55, 91, 155, 255, 424, 680), 2), ((1, 5, 14, 30, 66, 130), 2),
+                                       ((1, 5, 14), 5), ((4,), 2), ((1, 5, 14, 30), 0)])
+def test_scale_causal_mask_equals_the_dense_block_causal_mask(ends, tail):
+    """VAR's training attention by scale boundaries == SDPA with the dense (L, L) mask:
+    outputs and the gradients of q, k, v (float32 tolerance)."""
+    from genmodels.nn.attention import ScaleCausalMask
+
+    m = ScaleCausalMask(ends, tail)
+    L = ends[-1]
+    lvl = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(zip((0,) + ends, ends))])
+    assert torch.equal(m.dense(), lvl[:, None] >= lvl[None, :])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g) for _ in range(3))
+    grad = torch.randn(2, 3, L, 8, generator=g)
+    outs = []
+    for split in (True, False):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        o = (m.attend(qq, kk, vv, scale=0.3) if split else
+             torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=m.dense(), scale=0.3))
+        o.backward(grad)
+        outs.append((o.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b, what in zip(outs[0], outs[1], ("out", "dq", "dk", "dv")):
+        assert_close_f32(a, b, what=what)
+    att = Attention(24, 3, qkv_bias="qv", qk_norm="l2").eval()
+    x = torch.randn(2, L, 24, generator=g)
+    assert_close_f32(att(x, m), att(x, m.dense()), what="Attention with a ScaleCausalMask")
+    with pytest.raises(ValueError, match="no cache"):
+        att(x, m, cache=KVCache())
+
+
+def test_bf16_logits_with_ties_at_the_kth_value_take_the_short_path():
+    """Tied k-th values (bfloat16 logits) widen the candidate set instead of sorting every row;
+    only rows whose top-p threshold splits tied survivors (~3/4 here: their result is the
+    sort's tie order) are sorted."""
+    g = torch.Generator().manual_seed(2)
+    taken = []
+    orig = sampling._top_p_of_top_k_
+
+    def spy(*a, **k):
+        ok = orig(*a, **k)
+        taken.append(float(ok.float().mean()))
+        return ok
+
+    sampling._top_p_of_top_k_ = spy
+    try:
+        for _ in range(5):
+            logits = (torch.randn(4, 64, 4096, generator=g) * 3).bfloat16().float()
+            vals = logits.topk(901, dim=-1)[0]
+            assert bool((vals[..., 899] == vals[..., 900]).any())  # the case at hand
+            assert torch.equal(sampling.filter_logits_(logits.clone(), 900, 0.96), official_filter_(logits.clone(), 900, 0.96))
+    finally:
+        sampling._top_p_of_top_k_ = orig
+    assert min(taken) > 0.1, taken  # those rows decided without a sort (was: none)

@@ -44,7 +44,7 @@ from genmodels import sampling
 from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
 from genmodels.nn.adaln import modulate_1p
-from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp
+from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp, ScaleCausalMask
 from genmodels.tokenizers.base import TokenSpec
 
 VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -307,11 +307,12 @@ class VAR(Generator):
             else:
                 x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l[:, :ed - self.first_l].float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
-        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        # the block-causal mask as scale boundaries: the last two scales attend without a mask
+        attn_bias = ScaleCausalMask([e for _, e in self.begin_ends if e <= ed])
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         dev = x_BLC.device.type
         main_type = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BLC.dtype
-        x_BLC, cond_BD_or_gss, attn_bias = x_BLC.to(main_type), cond_BD_or_gss.to(main_type), attn_bias.to(main_type)
+        x_BLC, cond_BD_or_gss = x_BLC.to(main_type), cond_BD_or_gss.to(main_type)
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BD_or_gss, attn_bias)
         logits = self.get_logits(x_BLC.float(), cond_BD)

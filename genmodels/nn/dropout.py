@@ -9,7 +9,8 @@ per element, ~0.7 ns, kept where ``bits >= round(p * 2**32)`` -- Bernoulli(1 - p
 p's rounding to a multiple of 2**-32 (finer than ``torch.rand``'s 2**-24). The generator is
 seeded by one draw from torch's global RNG, so ``seed_everything`` / the per-step seeding of
 the trainer make the masks reproducible exactly as torch's own. Other devices use
-``F.dropout`` (fast there). Written here because no library offers a faster CPU Bernoulli.
+``F.dropout`` (fast there), and so does code being compiled by ``torch.compile`` (inductor
+draws its own masks). Written here because no library offers a faster CPU Bernoulli.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     same float mask ``F.dropout`` multiplies by (so the same autograd memory)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():  # inductor has its own fast RNG
         return F.dropout(x, p, training)
     m = np.multiply(_bits(x.numel()) >= _threshold(p), np.float32(1.0 / (1.0 - p)), dtype=np.float32)
     return x * torch.from_numpy(m).view(x.shape).to(x.dtype)
