@@ -74,6 +74,8 @@ LEVERS = {
                          "(MAR: dropout 0.1 on attention weights, projections, MLP)",
     "diffloss_train_embed_once": "DiffLoss training: z embedded once per token, not per diffusion_batch_mul copy; "
                                  "time embedding once per distinct t",
+    "var_scale_causal_attention": "VAR training: block-causal attention by scale boundaries (nn.attention."
+                                  "ScaleCausalMask): the last two scales mask-free, a third fewer scores",
     "fused_adamw_cpu": "training: AdamW fused on the CPU (training.common.adamw; the trainer's optimizer)",
 }
 
@@ -412,7 +414,8 @@ def write_md(path: Path, data: dict) -> None:
                      f"**{r['ratio']:.2f}** ({r['ratio_min']:.2f}..{r['ratio_max']:.2f}) | {r['wall_ratio']:.2f} | "
                      f"{'>= ' + format(target, '.2f') if target else ''} |")
     lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in data.get("checks", {}).items()), "",
-              "Levers on (all in the default path):", ""]
+              "Levers on (all in the default path; rows named `*_compiled` add the opt-in "
+              "`GeneratorModule(compile=True)`: `torch.compile` of the training loss):", ""]
     note = data.get("meta", {}).get("note")
     lines += [f"* `{k}`: {v}" for k, v in LEVERS.items()]
     if note:
