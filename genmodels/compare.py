@@ -26,7 +26,10 @@ Preset fields (``configs/compare/tiny.yaml`` is the smallest complete example)::
     grid: {classes: [...], per_class, seed}
     tokenizers: {key: {configs: [...], overrides: {dotted.key: value}, requires: [...],
                        train: true (false: nothing to train, e.g. FractalGen's pixels; the run's
-                       configs then set model.init_args.tokenizer; table: "<key> (identity)", rFID 0)}}
+                       configs then set model.init_args.tokenizer; table: "<key> (identity)", rFID 0),
+                       checkpoints: {dotted.field: other tokenizer key} (chained trainings: the field
+                       gets that tokenizer's last.ckpt, trained first -- e.g. TiTok's two stages:
+                       stage 1's teacher_ckpt, stage 2's init_from; its key is part of this one's)}}
     runs: [{name, paradigm, tokenizer: key, configs: [...], overrides: {...}, sampling: {...},
             data: [...] (optional: this run's data configs instead of the preset's, e.g. 8-px digits),
             target_params (optional, per run), requires: [...]}]
@@ -291,6 +294,7 @@ class Training:
     seed: int
     files: list[str]
     tokenizer: "Training | None" = None
+    needs: dict = field(default_factory=dict)   # dotted config field -> the tokenizer Training whose ckpt fills it
     status: str = "planned"        # planned | not built | done | failed: ...
     reason: str = ""
     text: str = ""                 # canonical resolved config (placeholders)
@@ -367,6 +371,27 @@ class Preset:
         self.paper = raw.get("paper")
         self._validate()
 
+    def tokenizer_order(self) -> list[str]:
+        """Tokenizer keys with every ``checkpoints`` dependency before its user."""
+        order: list[str] = []
+        state: dict[str, int] = {}
+
+        def visit(k: str, path: tuple[str, ...]) -> None:
+            if state.get(k) == 2:
+                return
+            if state.get(k) == 1:
+                raise GenmodelsError(f"compare: {self.path}: tokenizers' checkpoints form a cycle: "
+                                     + " -> ".join(path + (k,)))
+            state[k] = 1
+            for dep in (self.tokenizers[k].get("checkpoints") or {}).values():
+                visit(dep, path + (k,))
+            state[k] = 2
+            order.append(k)
+
+        for k in self.tokenizers:
+            visit(k, ())
+        return order
+
     def _validate(self) -> None:
         where = str(self.path)
         if self.num_seeds < 1:
@@ -392,6 +417,12 @@ class Preset:
         names = [r.get("name") for r in self.runs]
         if None in names or len(set(names)) != len(names):
             raise GenmodelsError(f"compare: {where}: every run needs a unique name, got {names}")
+        for key, spec in self.tokenizers.items():
+            for field_, dep in (spec.get("checkpoints") or {}).items():
+                if dep not in self.tokenizers or dep == key:
+                    raise GenmodelsError(f"compare: {where}: tokenizer {key!r}: checkpoints.{field_} names {dep!r}, "
+                                         f"which is not another of the tokenizers {sorted(self.tokenizers)}")
+        self.tokenizer_order()  # refuses a cycle
         for r in self.runs:
             unknown = sorted(set(r) - {"name", "paradigm", "tokenizer", "configs", "overrides", "sampling",
                                        "target_params", "requires", "note", "data"})
@@ -483,9 +514,16 @@ class Compare:
     def plan(self) -> None:
         """Resolve every training's config, key it, find what exists; mark what is not built."""
         p = self.p
-        for key, spec in p.tokenizers.items():
+        for key in p.tokenizer_order():
+            spec = p.tokenizers[key]
             t = Training("tokenizer", f"tok-{key}", p.seed, list(spec.get("configs") or []))
+            t.needs = {f: self.tok_of[dep] for f, dep in (spec.get("checkpoints") or {}).items()}
             miss = self._not_built(spec, t.files)
+            broken = [d for d in t.needs.values() if d.status in ("not built", "fixed")]
+            if miss is None and broken:
+                d = broken[0]
+                miss = (f"its input tokenizer {d.label} ({d.reason})" if d.status == "not built"
+                        else f"its input tokenizer {d.label} has no checkpoint to give (train: false)")
             if miss:
                 t.status, t.reason = "not built", miss
                 self.tok_of[key] = t
@@ -495,11 +533,11 @@ class Compare:
                 self.tok_of[key] = t
                 continue
             steps = _get(nest(spec.get("overrides") or {}), "trainer.max_steps")
-            files = self._common_files(t.label, t.files, spec.get("overrides") or {}, None, p.seed,
-                                       self._callbacks(int(steps or 0), 0), None)
+            ovr = {**(spec.get("overrides") or {}), **{f: TOKENIZER.format(d.key) for f, d in t.needs.items()}}
+            files = self._common_files(t.label, t.files, ovr, None, p.seed, self._callbacks(int(steps or 0), 0), None)
             text, cfg = self.resolver(files, f"tokenizer {key!r}")
             if not steps:  # the steps come from its own files: rebuild the progress callback with them
-                files = self._common_files(t.label, t.files, spec.get("overrides") or {}, None, p.seed,
+                files = self._common_files(t.label, t.files, ovr, None, p.seed,
                                            self._callbacks(int(_get(cfg, "trainer.max_steps", 0)), 0), None)
                 text, _ = self.resolver(files, f"tokenizer {key!r}")
             self.tok_of[key] = self._register(t, text)
@@ -583,8 +621,8 @@ class Compare:
         """The training's runnable config: its canonical text with the placeholders filled in."""
         t.dir.mkdir(parents=True, exist_ok=True)
         text = t.text.replace(RUN_DIR, str(t.dir)).replace(RUN_NAME, json.dumps(t.label))  # a JSON string is YAML
-        if t.tokenizer is not None:
-            text = text.replace(TOKENIZER.format(t.tokenizer.key), str(t.tokenizer.last_ckpt))
+        for dep in ([t.tokenizer] if t.tokenizer is not None else []) + list(t.needs.values()):
+            text = text.replace(TOKENIZER.format(dep.key), str(dep.last_ckpt))
         path = t.dir / "config.yaml"
         if not path.is_file() or path.read_text() != text:
             _atomic_write(path, text)
@@ -627,9 +665,10 @@ class Compare:
         """Fit (or resume, or skip) one training; True when it is finished."""
         if t.status == "not built":
             return False
-        if t.tokenizer is not None and not self.train_wait(t.tokenizer):
-            t.status, t.reason = "failed", f"tokenizer {t.tokenizer.label} did not finish"
-            return False
+        for dep in ([t.tokenizer] if t.tokenizer is not None else []) + list(t.needs.values()):
+            if not self.train_wait(dep):
+                t.status, t.reason = "failed", f"tokenizer {dep.label} did not finish"
+                return False
         with t.lock:
             if t.done():
                 t.status = "done"

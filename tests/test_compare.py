@@ -268,3 +268,44 @@ def test_sigterm_takes_the_launched_children_down(tmp_path, resolver):
         compare_module._children.discard(child)
         compare_module._stopping.clear()
         child.kill()
+
+
+def test_chained_tokenizers_train_in_order_and_key_on_their_inputs(tmp_path, resolver):
+    """A tokenizer's ``checkpoints:`` field gets another tokenizer's last.ckpt (TiTok's two stages):
+    dependencies are planned first, their keys are part of the user's key, the written config
+    holds the real path; unknown names and cycles are refused; a not-built input propagates."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["launcher"] = "inprocess"
+    stage = {"configs": ["configs/tokenizers/titok_digits_two_stage.yaml", "configs/experiments/digits_titok_stage1.yaml"],
+             "checkpoints": {"model.init_args.tokenizer.init_args.teacher_ckpt": "vq"}}
+    raw["tokenizers"] = {"stage1": stage, **raw["tokenizers"]}   # listed before its input
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    p = Preset(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"))
+    assert p.tokenizer_order().index("vq") < p.tokenizer_order().index("stage1")
+    c = Compare(p, resolver)
+    c.plan()
+    s1, vq = c.tok_of["stage1"], c.tok_of["vq"]
+    assert s1.needs == {"model.init_args.tokenizer.init_args.teacher_ckpt": vq}
+    written = yaml.safe_load(c._materialise(s1).read_text())
+    assert written["model"]["init_args"]["tokenizer"]["init_args"]["teacher_ckpt"] == str(vq.last_ckpt)
+    raw["tokenizers"]["vq"]["overrides"]["trainer.max_steps"] = 5     # the input changes: so does the user's key
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    c2 = Compare(Preset(tmp_path / "d.yaml", output_dir=str(tmp_path / "out")), resolver)
+    c2.plan()
+    assert c2.tok_of["stage1"].key != s1.key
+    bad = copy.deepcopy(raw)
+    bad["tokenizers"]["stage1"]["checkpoints"] = {"x": "nope"}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(GenmodelsError, match="checkpoints.x names 'nope'"):
+        Preset(tmp_path / "e.yaml")
+    bad["tokenizers"]["stage1"]["checkpoints"] = {"x": "vq"}
+    bad["tokenizers"]["vq"]["checkpoints"] = {"y": "stage1"}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(GenmodelsError, match="cycle"):
+        Preset(tmp_path / "f.yaml")
+    unbuilt = copy.deepcopy(raw)
+    unbuilt["tokenizers"]["stage1"]["checkpoints"] = {"model.init_args.tokenizer.init_args.teacher_ckpt": "unbuilt"}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(unbuilt, sort_keys=False))
+    c3 = Compare(Preset(tmp_path / "g.yaml", output_dir=str(tmp_path / "out")), resolver)
+    c3.plan()
+    assert c3.tok_of["stage1"].status == "not built" and "tok-unbuilt" in c3.tok_of["stage1"].reason
