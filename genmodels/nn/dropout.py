@@ -5,10 +5,11 @@ torch's CPU ``bernoulli_`` (behind ``nn.Dropout`` and the math path of
 one core (Mersenne Twister, one draw per element): in MAR's training step (dropout 0.1 on
 the attention weights, the projections and the MLP) it took 10-13 % of the step. Here the
 keep-mask of a CPU tensor comes from numpy's PCG64 bit generator instead: 32 random bits
-per element, ~0.7 ns, kept where ``bits >= round(p * 2**32)`` -- Bernoulli(1 - p) up to
+per element, ~1.5 ns, kept where ``bits >= round(p * 2**32)`` -- Bernoulli(1 - p) up to
 p's rounding to a multiple of 2**-32 (finer than ``torch.rand``'s 2**-24). The generator is
 seeded by one draw from torch's global RNG, so ``seed_everything`` / the per-step seeding of
-the trainer make the masks reproducible exactly as torch's own. Other devices use
+the trainer make the masks reproducible exactly as torch's own. Dropout of 3.3M elements:
+38 ms with ``F.dropout``, 15 ms here (1 thread). Other devices use
 ``F.dropout`` (fast there), and so does code being compiled by ``torch.compile`` (inductor
 draws its own masks). Written here because no library offers a faster CPU Bernoulli.
 """
