@@ -52,6 +52,7 @@ def test_module_eval_p0_p1_and_gradient():
     keep = keep_mask(x.shape, 0.25)
     assert torch.equal(x.grad, keep.float() / 0.75)
     torch.testing.assert_close(y, torch.where(keep, x / 0.75, 0.0))
+    assert isinstance(d, torch.nn.Dropout)
     with pytest.raises(ValueError, match="between 0 and 1"):
         Dropout(1.5)
 
