@@ -105,6 +105,14 @@ class Pipeline:
         self.tokenizer.eval()
         return self
 
+    def bf16(self) -> "Pipeline":
+        """The bf16 tier: a new pipeline on copies of the generator and tokenizer whose trunk and
+        decoder hold bfloat16 weights, logits and sampling in float32 (``genmodels.precision``);
+        this pipeline is untouched. Refused for models without a bf16 path."""
+        from genmodels.precision import bf16_for_sampling
+        gen, tok = bf16_for_sampling(self.generator, self.tokenizer)
+        return Pipeline(gen, tok, self.sample_kwargs, name=f"{self.name} (bf16)")
+
     @property
     def num_classes(self) -> int:
         return int(getattr(self.generator, "num_classes", 0) or 0)

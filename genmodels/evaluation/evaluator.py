@@ -68,6 +68,9 @@ class Evaluator:
         official: a run meant for the papers' tables: every gap from the ADM protocol is printed
             loudly (the row carries ``comparable_with_papers`` / ``not_comparable`` always).
         autocast: ``"bf16"`` / ``"fp16"`` autocast while *sampling* (features are float32).
+        precision: ``"bf16"``: the bf16 tier while sampling -- a copy of the model with its trunk
+            and decoder in bfloat16 weights, logits and draws in float32 (``genmodels.precision``;
+            models with a bf16 path only, e.g. VAR). The row records ``sampling_precision``.
         metric_prefix: prefix of the returned metric names (``test/fid`` ...).
         progress: progress lines (samples done / total, s/img, time left) on rank 0.
     """
@@ -80,12 +83,16 @@ class Evaluator:
                  pr_arithmetic: str | None = None, pr_block: int | None = None, nhood_size: int = 3,
                  results_file: str | None = None, config_files: list[str] | None = None, name: str | None = None,
                  export_npz: bool = False, official: bool = False, autocast: str | None = None,
-                 metric_prefix: str = "test/", progress: bool = True) -> None:
+                 precision: str | None = None, metric_prefix: str = "test/", progress: bool = True) -> None:
         if num_samples < 2 or batch_size < 1:
             raise GenmodelsError(f"evaluator: num_samples must be >= 2 and batch_size >= 1, got {num_samples}, "
                                  f"{batch_size}")
         if autocast not in (None, "bf16", "fp16"):
             raise GenmodelsError(f"evaluator.autocast: must be null, 'bf16' or 'fp16', got {autocast!r}")
+        if precision not in (None, "fp32", "bf16"):
+            raise GenmodelsError(f"evaluator.precision: must be null, 'fp32' or 'bf16', got {precision!r}")
+        if precision == "bf16" and autocast:
+            raise GenmodelsError("evaluator: set either precision: bf16 (bf16 weights) or autocast, not both")
         base = Rules.named(protocol)
         if is_split_size is not None or is_splits is not None:
             base = Rules(is_split_size, is_splits, base.pr_arithmetic, base.pr_block, base.nhood_size)
@@ -99,6 +106,7 @@ class Evaluator:
         self.reference_spec, self.num_reference, self.cache_dir = str(reference), num_reference, cache_dir
         self.results_file, self.config_files, self.name = results_file, config_files, name
         self.export_npz, self.official, self.autocast = export_npz, official, autocast
+        self.precision = None if precision == "fp32" else precision
         self.metric_prefix, self.progress = metric_prefix, progress
         self._extractor: FeatureExtractor | None = None
         self.last_row: dict[str, Any] | None = None
@@ -260,6 +268,7 @@ class Evaluator:
             "time": _dt.datetime.now().isoformat(timespec="seconds"),
             **meta,
             "sampling": sampling,
+            "sampling_precision": self.precision or (f"autocast-{self.autocast}" if self.autocast else "fp32"),
             "num_samples": n,
             "batch_size": batch_size or self.batch_size,
             "seed": self.seed,

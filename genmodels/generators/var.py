@@ -156,6 +156,8 @@ class VAR(Generator):
             (fraction of training). Needs ``set_train_progress`` called every step.
     """
 
+    BF16_PARTS = ("blocks",)  # genmodels.precision: the trunk in bfloat16 for the bf16 tier; head and sampling float32
+
     def __init__(self, vocab_size: int = 4096, Cvae: int = 32, patch_nums: Sequence[int] = VAR_PATCH_NUMS_256,
                  num_classes: int = 1000, depth: int = 16, embed_dim: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
@@ -246,6 +248,13 @@ class VAR(Generator):
                 block.ada_lin[-1].weight.data[2 * self.C:].mul_(init_adaln)
                 block.ada_lin[-1].weight.data[:2 * self.C].mul_(init_adaln_gamma)
                 block.ada_lin[-1].bias.data.zero_()
+
+    @property
+    def trunk_dtype(self) -> torch.dtype:
+        """dtype of the transformer blocks: float32, or bfloat16 after ``blocks.to(torch.bfloat16)``
+        (the bf16 tier's sampling copy, ``genmodels.precision``); embeddings, head and sampling
+        stay float32."""
+        return next(self.blocks.parameters()).dtype
 
     def no_weight_decay(self) -> tuple[str, ...]:
         """Name fragments excluded from weight decay (official ``train.py`` nowd_keys); 1-D
@@ -444,8 +453,9 @@ class VAR(Generator):
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         caches = [KVCache(capacity=self.L) for _ in self.blocks]  # one buffer per block, filled scale by scale
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        dt = self.trunk_dtype  # bfloat16 when the blocks were cast for the bf16 tier; the head stays float32
         # the AdaLN vectors depend on the class only: once per sample, not once per scale
-        ada = [block.ada_params(cond_BD_or_gss) for block in self.blocks]
+        ada = [block.ada_params(cond_BD_or_gss.to(dt)) for block in self.blocks]
         head_ada = self.head_nm.ada_params(cond_BD)
         prefix: list[torch.Tensor] = []
         tokens = []
@@ -454,11 +464,11 @@ class VAR(Generator):
             ratio = si / (K - 1)
             cur_L += pn * pn
             if use_cache:
-                x = next_token_map
+                x = next_token_map.to(dt)
                 for block, cache, a in zip(self.blocks, caches, ada):
                     x = block(x, None, None, cache=cache, ada=a)
             else:
-                prefix.append(next_token_map)
+                prefix.append(next_token_map.to(dt))
                 x = torch.cat(prefix, dim=1)
                 mask = self.attn_bias_for_masking[:, :, :cur_L, :cur_L].to(x.dtype)
                 for block, a in zip(self.blocks, ada):
@@ -592,11 +602,12 @@ def fastvar_infer_cfg(var: VAR, labels: torch.Tensor, prune: Sequence[float], *,
                       + lvl_pos[:, :var.first_l])
     f_hat = sos.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
     caches = [KVCache() for _ in var.blocks]
-    cond_BD_or_gss = var.shared_ada_lin(cond_BD)
+    dt = var.trunk_dtype
+    cond_BD_or_gss = var.shared_ada_lin(cond_BD).to(dt)
     tokens, prev_h, cur_L = [], None, 0
     for si, pn in enumerate(var.patch_nums):
         cur_L += pn * pn
-        x = next_token_map
+        x = next_token_map.to(dt)
         keep = None
         if ratio_at[si] > 0 and prev_h is not None:
             n_keep = max(1, math.ceil((1 - ratio_at[si]) * pn * pn))

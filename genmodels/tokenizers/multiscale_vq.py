@@ -422,6 +422,8 @@ class VQVAE(Tokenizer):
     unclamped reconstruction (for LPIPS / GAN gradients).
     """
 
+    BF16_PARTS = ("post_quant_conv", "decoder")  # genmodels.precision: cast for the bf16 tier's sampling
+
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 128, dropout: float = 0.0,
                  beta: float = 0.25, using_znorm: bool = False, quant_conv_ks: int = 3,
                  quant_resi: float | None = None, share_quant_resi: int = 4, default_qresi_counts: int = 0,
@@ -526,7 +528,8 @@ class VQVAE(Tokenizer):
     # ------------------------------------------------------------------ official helper names
     def fhat_to_img(self, f_hat: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """f_hat (B, Cvae, pK, pK) -> images; clamped to [-1, 1] like the official helper."""
-        img = self.decoder(self.post_quant_conv(f_hat))
+        dt = self.post_quant_conv.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
+        img = self.decoder(self.post_quant_conv(f_hat.to(dt))).float()
         return img.clamp(-1, 1) if clamp else img
 
     @torch.no_grad()

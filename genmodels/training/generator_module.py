@@ -128,11 +128,13 @@ class GeneratorModule(LightningModule):
         """Generate images (B, 3, H, W) in [-1, 1] for class ``labels`` (B,)."""
         return self.pipeline.sample(labels.to(self.device), generator=generator, **overrides)
 
-    def block_sampler(self, seed: int | None = None, **overrides: Any):
+    def block_sampler(self, seed: int | None = None, precision: str | None = None, **overrides: Any):
         """``fn(class_id, block) -> uint8 (S, 3, H, W)``: ``Pipeline.sample_block`` with this
         module's seed (or ``seed``), ``sample_block_size`` and ``sample_kwargs`` (+ ``overrides``)
-        -- the one generation path of grids, ``predict`` and ``test``. ``fn.block_size`` is S."""
-        fn = functools.partial(self.pipeline.sample_block, seed=self.hparams.seed if seed is None else seed,
+        -- the one generation path of grids, ``predict`` and ``test``. ``fn.block_size`` is S.
+        ``precision="bf16"``: on the bf16 tier's copy (``Pipeline.bf16``)."""
+        pipe = self.pipeline.bf16() if precision == "bf16" else self.pipeline
+        fn = functools.partial(pipe.sample_block, seed=self.hparams.seed if seed is None else seed,
                                block_size=self.hparams.sample_block_size, **{**self.sample_kwargs, **overrides})
         fn.block_size = self.hparams.sample_block_size  # type: ignore[attr-defined]
         return fn
@@ -206,7 +208,7 @@ class GeneratorModule(LightningModule):
                     "ckpt_path": trainer.ckpt_path, "config_saved": str(run_dir(trainer) / "config.yaml")}
         if ev.seed is None:
             ev.seed = self.hparams.seed  # the judge's samples are predict's: same seed, same blocks
-        sampler = self.block_sampler(seed=ev.seed, **ev.sample_kwargs)
+        sampler = self.block_sampler(seed=ev.seed, precision=ev.precision, **ev.sample_kwargs)
         metrics = ev.evaluate(sampler, sampler.block_size,
                               num_classes=int(getattr(self.generator, "num_classes", 0) or 0) or 1,
                               datamodule=datamodule, metadata=metadata, out_dir=run_dir(trainer),

@@ -1,0 +1,104 @@
+"""The bf16 tier of issue 17 (``genmodels.precision``): a sampling copy whose trunk and decoder
+hold bfloat16 weights while embeddings, head, logits and draws stay float32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genmodels import sampling
+from genmodels.errors import GenmodelsError
+from genmodels.evaluation.evaluator import Evaluator
+from genmodels.generators.var import VAR
+from genmodels.pipeline import Pipeline
+from genmodels.precision import bf16_for_sampling
+from genmodels.tokenizers.multiscale_vq import VQVAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PN = (1, 2, 3, 4)
+BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 significant bits
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    vae = VQVAE(64, 8, 32, share_quant_resi=2, v_patch_nums=PN, test_mode=True)
+    var = VAR(vocab_size=64, Cvae=8, patch_nums=PN, num_classes=5, depth=2, embed_dim=64, num_heads=2,
+              init_adaln_gamma=0.5).eval()
+    return Pipeline(var, vae)
+
+
+def test_copy_casts_the_trunk_and_decoder_only_and_leaves_the_original(pipe):
+    before = {k: v.clone() for k, v in pipe.generator.state_dict().items()}
+    fast = pipe.bf16()
+    var, vae = fast.generator, fast.tokenizer
+    assert var.tokenizer is vae  # the copy is bound to the copied tokenizer
+    assert var.trunk_dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in var.blocks.parameters())
+    for name in ("head", "head_nm", "class_emb", "word_embed", "shared_ada_lin"):
+        assert all(p.dtype == torch.float32 for p in getattr(var, name).parameters()), name
+    assert vae.decoder.conv_in.weight.dtype == torch.bfloat16 and vae.quantize.embedding.weight.dtype == torch.float32
+    assert pipe.generator.trunk_dtype == torch.float32 and pipe.tokenizer.decoder.conv_in.weight.dtype == torch.float32
+    for k, v in pipe.generator.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _teacher_forced_logits(var: VAR, labels: torch.Tensor, tokens: torch.Tensor, monkeypatch) -> list[torch.Tensor]:
+    """The filtered logits the sampler draws from at every scale, with every scale's codes forced
+    to ``tokens`` (editing with an empty mask), so two samplers walk the same path."""
+    seen: list[torch.Tensor] = []
+    real = sampling.sample_categorical
+
+    def spy(logits, generator=None):
+        seen.append(logits.clone())
+        return real(logits, generator)
+    monkeypatch.setattr(sampling, "sample_categorical", spy)
+    var.autoregressive_infer_cfg(labels, cfg=2.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                                 known=(tokens, torch.zeros_like(tokens, dtype=torch.bool)))
+    monkeypatch.undo()
+    return seen
+
+
+def test_bf16_logits_follow_float32_within_bf16_rounding(pipe, monkeypatch):
+    labels = torch.tensor([0, 3, 4])
+    tokens = pipe.generator.sample(labels, cfg=2.5, generator=torch.Generator().manual_seed(1))
+    ref = _teacher_forced_logits(pipe.generator, labels, tokens, monkeypatch)
+    got = _teacher_forced_logits(pipe.bf16().generator, labels, tokens, monkeypatch)
+    assert len(ref) == len(got) == len(PN)
+    for a, b in zip(ref, got):
+        assert b.dtype == torch.float32  # the head and the filters run in float32
+        keep = torch.isfinite(a) & torch.isfinite(b)  # top-k / top-p masks may differ at their boundary
+        assert keep.float().mean() > 0.2
+        scale = a[keep].abs().max()
+        # two bf16 blocks: a few roundings of 2^-8 relative to the logits' magnitude
+        assert (a[keep] - b[keep]).abs().max() <= 8 * BF16_EPS * scale  # measured: 1.1-1.8
+        assert (a[keep] - b[keep]).abs().max() > 0  # it did run in bfloat16
+
+
+def test_bf16_copy_cast_back_to_float32_is_the_exact_sampler(pipe):
+    fast = pipe.bf16()
+    for name in ("generator.blocks", "tokenizer.decoder", "tokenizer.post_quant_conv"):
+        obj, attr = name.split(".")
+        mine, orig = getattr(getattr(fast, obj), attr), getattr(getattr(pipe, obj), attr)
+        mine.float().load_state_dict(orig.state_dict())  # the float32 weights back (bf16 -> fp32 loses bits)
+    kw = dict(cfg=2.5, top_k=20, top_p=0.9)
+    a = pipe.sample([1, 2], generator=torch.Generator().manual_seed(3), **kw)
+    b = fast.sample([1, 2], generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)  # the seams (casts to trunk_dtype) are no-ops in float32
+
+
+def test_bf16_samples_are_images(pipe):
+    for prune in (None, (0.5,)):
+        imgs = pipe.bf16().sample([0, 1, 2], generator=torch.Generator().manual_seed(0), output="uint8", cfg=2.0,
+                                  fastvar_prune=prune)
+        ref = pipe.sample([0, 1, 2], generator=torch.Generator().manual_seed(0), output="uint8", cfg=2.0)
+        assert imgs.dtype == torch.uint8 and imgs.shape == ref.shape
+        assert imgs.float().std() > 0
+
+
+def test_precision_knobs_are_checked(pipe):
+    with pytest.raises(GenmodelsError, match="evaluator.precision"):
+        Evaluator(precision="fp16")
+    with pytest.raises(GenmodelsError, match="not both"):
+        Evaluator(precision="bf16", autocast="bf16")
+    with pytest.raises(GenmodelsError, match="no bf16 sampling path"):
+        bf16_for_sampling(torch.nn.Linear(2, 2))
