@@ -3,11 +3,12 @@
 ``torch.autocast`` re-casts every float32 weight it meets and converts activations at every
 op boundary; on a CPU with AMX-BF16 (or a GPU with tensor cores) that bookkeeping, not the
 matmuls, becomes the cost. ``bf16_for_sampling(model)`` instead returns a deep copy in which
-the modules a model lists in ``BF16_PARTS`` (its transformer trunk, a tokenizer's decoder)
-are cast to bfloat16 once, while everything that decides a token stays float32: embeddings,
+the modules a model lists in ``BF16_PARTS`` (its transformer trunk and MAR's DiffLoss MLP,
+a tokenizer's decoder) are cast to bfloat16 once, while everything that decides a token stays float32: embeddings,
 the AdaLN-before-head, the head, the logits, filtering and the draw (no bf16 ties at the
-top-k boundary). The model's own code casts at the seams (``VAR.trunk_dtype``,
-``MultiScaleVQVAE.fhat_to_img``), so the copy is used like the original::
+top-k boundary), and the DiffLoss chain's x_t and its updates. The models' own code casts at
+the seams (``VAR.trunk_dtype``, ``MAR._blocks``, ``DiffLoss.sample``, the tokenizers'
+decoders), so the copy is used like the original::
 
     fast = bf16_for_sampling(var)                  # var untouched; fast.blocks are bfloat16
     images = fast.sample_images(labels, cfg=2.5, top_k=900, top_p=0.96, generator=g)
@@ -33,7 +34,11 @@ def bf16_parts(model: nn.Module) -> list[nn.Module]:
         if owner is None:
             continue
         for name in getattr(type(owner), "BF16_PARTS", ()):
-            parts.append(getattr(owner, name))
+            part = owner
+            for attr in name.split("."):  # "diffloss.net"; a part the model does not have (None) is skipped
+                part = getattr(part, attr, None) if part is not None else None
+            if part is not None:
+                parts.append(part)
     return parts
 
 

@@ -105,6 +105,9 @@ class MAR(Generator):
             tokens; ``linear`` amplifies it ~1x. Paper configs keep ``cosine``.
     """
 
+    # genmodels.precision: the bf16 tier's trunk; embeddings, position embeddings and a CE head stay float32
+    BF16_PARTS = ("encoder_blocks", "encoder_norm", "decoder_embed", "decoder_blocks", "decoder_norm", "diffloss.net")
+
     def __init__(self, token_shape: Sequence[int] = (16, 16), token_channels: int | None = 16,
                  vocab_size: int | None = None, num_classes: int = 1000,
                  encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
@@ -261,6 +264,8 @@ class MAR(Generator):
 
     def _blocks(self, blocks: Sequence[nn.Module], x: torch.Tensor, is_causal: bool = False,
                 caches: list[KVCache] | None = None) -> torch.Tensor:
+        if len(blocks):  # bfloat16 blocks in the bf16 tier's copy (genmodels.precision); a no-op otherwise
+            x = x.to(blocks[0].norm1.weight.dtype)
         for i, blk in enumerate(blocks):
             if caches is not None:
                 x = blk(x, is_causal=is_causal and len(caches[i]) == 0, cache=caches[i])
@@ -318,6 +323,7 @@ class MAR(Generator):
         x = self._blocks(first, x)
         B = rows.shape[0]
         sel = torch.cat([rows.new_zeros(B, self.buffer_size), rows], dim=1)
+        x = x.to(last.norm1.weight.dtype)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             h = checkpoint(last.forward_rows, x, sel, use_reentrant=False)
         else:

@@ -259,7 +259,8 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        emb = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # bfloat16 in the bf16 tier's copy
 
 
 class ResBlock(nn.Module):
@@ -473,7 +474,8 @@ class DiffLoss(nn.Module):
         if n == 0:
             return x
         net = self.net
-        c_emb = net.cond_embed(z)
+        dt = net.input_proj.weight.dtype  # bfloat16 in the bf16 tier's copy: x_t and the update stay float32
+        c_emb = net.cond_embed(z.to(dt))
         t_orig = d.timestep_map.tolist()
         steps = list(reversed(range(d.num_timesteps)))
         # the adaLN outputs depend on (t, z) only: computed for many steps at once (one matmul of
@@ -485,7 +487,7 @@ class DiffLoss(nn.Module):
         for k, i in enumerate(steps):
             if k % chunk == 0:
                 mods = net.modulations(c_emb + t_emb[k:k + chunk, None])  # (s, rows, ...)
-            out = net.forward_modulated(torch.cat([x, x]) if guided else x, mods[k % chunk])
+            out = net.forward_modulated((torch.cat([x, x]) if guided else x).to(dt), mods[k % chunk]).to(x.dtype)
             if guided:
                 eps_c, eps_u = out[:n, :C], out[n:, :C]
                 eps = guide(eps_c, eps_u, cfg)  # eps_u + cfg (eps_c - eps_u)

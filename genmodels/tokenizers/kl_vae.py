@@ -87,6 +87,8 @@ class KLVAE(Tokenizer):
         rec_loss: ``"l1"`` (LDM) or ``"l2"``.
     """
 
+    BF16_PARTS = ("post_quant_conv", "decoder")  # genmodels.precision: cast for the bf16 tier's sampling
+
     def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, resolution: int = 256, attn_resolutions: Sequence[int] = (16,),
                  decoder_attn_resolutions: Sequence[int] = (), dropout: float = 0.0, use_variational: bool = True,
@@ -144,7 +146,8 @@ class KLVAE(Tokenizer):
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (B, embed_dim, h, w) -> images (unclamped) (official ``decode``)."""
-        return self.decoder(self.post_quant_conv(z))
+        dt = self.post_quant_conv.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
+        return self.decoder(self.post_quant_conv(z.to(dt))).to(z.dtype)
 
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, (h/p)(w/p), C p p): MAR's ``patchify`` (features channel-major)."""
