@@ -4,8 +4,9 @@ For a VAR or MAR ``genmodels fit`` checkpoint, scores 1,000 class-balanced sampl
 (seeds 0, 1, 2; the digits judge: digits-classifier features, ADM rules, reference = the
 digits train split) for every variant of its paradigm:
 
-* VAR: exact (float32), bf16 (autocast), ``fastvar_prune=(0.5, 0.75)`` and ``(0.5,)``;
-* MAR: exact, bf16, ``cfg_cache_interval=2`` / ``4`` (LazyMAR-style condition cache),
+* VAR: exact (float32), bf16 (autocast), bf16 weights (the bf16 tier, ``Pipeline.bf16()``),
+  ``fastvar_prune=(0.5, 0.75)`` and ``(0.5,)``;
+* MAR: exact, bf16 (autocast), bf16 weights, ``cfg_cache_interval=2`` / ``4`` (LazyMAR-style condition cache),
   ``diffusion_steps_end=5`` (DiSA-style annealing from the model's steps), and a fixed
   ``num_sampling_steps`` of half the model's (fewer DiffLoss steps, the existing knob).
 
@@ -36,15 +37,18 @@ from genmodels.evaluation import Evaluator  # noqa: E402
 
 
 def variants(pipe) -> list[tuple[str, str, dict, str | None]]:
-    """(name, tier, knobs, autocast) per variant of this generator."""
+    """(name, tier, knobs, precision) per variant of this generator; precision: None (float32),
+    "bf16" (autocast) or "bf16-weights" (the bf16 tier's copy, ``Pipeline.bf16()``)."""
     kind = type(pipe.generator).__name__
     if kind == "VAR":
         return [("exact fp32", "exact", {}, None), ("bf16 autocast", "bf16", {}, "bf16"),
+                ("bf16 weights (tier)", "bf16", {}, "bf16-weights"),
                 ("FastVAR prune (0.5, 0.75)", "approximate", {"fastvar_prune": (0.5, 0.75)}, None),
                 ("FastVAR prune (0.5,)", "approximate", {"fastvar_prune": (0.5,)}, None)]
     if kind == "MAR":
         steps = int(pipe.generator.diffloss.num_sampling_steps)
         return [("exact fp32", "exact", {}, None), ("bf16 autocast", "bf16", {}, "bf16"),
+                ("bf16 weights (tier)", "bf16", {}, "bf16-weights"),
                 ("LazyMAR cfg cache 2", "approximate", {"cfg_cache_interval": 2}, None),
                 ("LazyMAR cfg cache 4", "approximate", {"cfg_cache_interval": 4}, None),
                 (f"DiSA {steps}->5 diffusion steps", "approximate", {"diffusion_steps_end": 5}, None),
@@ -70,11 +74,13 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         ev = Evaluator(num_samples=args.num_samples, batch_size=100, reference="train", progress=False,
-                       metric_prefix="", autocast=amp)
+                       metric_prefix="", autocast="bf16" if amp == "bf16" else None,
+                       precision="bf16" if amp == "bf16-weights" else None)
+        p = pipe.bf16() if amp == "bf16-weights" else pipe
         ref = ref or ev.resolve_reference(dm)
         per_seed = []
         for seed in args.seeds:
-            fn = pipe.block_sampler(seed=seed, block_size=100, **knobs)
+            fn = p.block_sampler(seed=seed, block_size=100, **knobs)
             spent = [0.0]
 
             def timed(class_id: int, block: int, fn=fn, spent=spent) -> torch.Tensor:

@@ -13,6 +13,9 @@ median and the spread (min-max) over rounds are reported.
 bf16 = ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the call (what Lightning's
 ``trainer.precision: bf16-mixed`` and the evaluator's ``autocast: bf16`` do); on CPUs with
 AMX-BF16 (``lscpu | grep amx_bf16``) oneDNN runs the bf16 matmuls on the tile unit.
+``ours_tier`` (sampling only) = the bf16 tier, ``genmodels.precision.bf16_for_sampling``: a copy
+with bfloat16 trunk / decoder weights, logits and draws in float32 (``evaluator.precision: bf16``,
+``Pipeline.bf16()``).
 
     PYTHONPATH=.:/tmp/h17b/site .venv/bin/python benchmarks/bf16_tier.py \\
         --official-var /tmp/official/VAR --official-mar /tmp/official/mar --out benchmarks/results/bf16_tier_cpu.json
@@ -89,6 +92,7 @@ def var_measures(args) -> dict:
         sys.modules["huggingface_hub"] = stub
     import models as off  # the official package
     from genmodels.checkpoints import from_official
+    from genmodels.precision import bf16_for_sampling
     from genmodels.sampling import from_var
 
     depth, width = (2, 128) if args.quick else (8, 512)
@@ -109,9 +113,15 @@ def var_measures(args) -> dict:
     labels = torch.arange(B) % 10
     ovar.eval(), var.eval()
 
-    def sample(which: str, bf16: bool):
+    fvar, fvae = bf16_for_sampling(var, vae)  # the bf16 tier: bfloat16 trunk + decoder weights
+
+    def sample(which: str, bf16: bool | str):
         @torch.no_grad()
         def run():
+            if bf16 == "tier":
+                toks, f_hat = fvar.autoregressive_infer_cfg(labels, generator=torch.Generator().manual_seed(0),
+                                                            **from_var(**skw))
+                return fvae.fhat_to_img(f_hat)
             with autocast(bf16):
                 if which == "official":
                     return ovar.autoregressive_infer_cfg(B, labels, g_seed=0, **skw)
@@ -121,14 +131,16 @@ def var_measures(args) -> dict:
         return run
 
     res = {"config": dict(depth=depth, width=width, patch_nums=pn, batch=B, official_knobs=skw)}
-    res["sample"] = measure({f"{w}_{p}": sample(w, p == "bf16") for w in ("official", "ours")
-                             for p in ("fp32", "bf16")}, args.repeats)
+    res["sample"] = measure({**{f"{w}_{p}": sample(w, p == "bf16") for w in ("official", "ours")
+                                for p in ("fp32", "bf16")}, "ours_tier": sample("ours", "tier")}, args.repeats)
     # the same tokens? (fp32: exact tier; bf16: how many tokens change)
     with torch.no_grad():
         t32 = var.autoregressive_infer_cfg(labels, generator=torch.Generator().manual_seed(0), **from_var(**skw))[0]
         with autocast(True):
             t16 = var.autoregressive_infer_cfg(labels, generator=torch.Generator().manual_seed(0), **from_var(**skw))[0]
+        tt = fvar.autoregressive_infer_cfg(labels, generator=torch.Generator().manual_seed(0), **from_var(**skw))[0]
     res["bf16_tokens_changed_frac"] = float((t32 != t16).float().mean())
+    res["tier_tokens_changed_frac"] = float((t32 != tt).float().mean())
 
     Bt = 2
     tokens = torch.randint(0, 4096, (Bt, sum(p * p for p in pn)), generator=torch.Generator().manual_seed(0))
@@ -169,6 +181,7 @@ def mar_measures(args) -> dict:
     _, mar_mod, _ = rec.import_official(args.official_mar)
     from genmodels.checkpoints.mar import mar_kwargs
     from genmodels.generators.mar import MAR
+    from genmodels.precision import bf16_for_sampling
 
     side, width, depth, heads, dw = (4, 128, 2, 4, 128) if args.quick else (8, 512, 4, 8, 512)
     iters, steps = (4, 10) if args.quick else (16, 50)
@@ -182,10 +195,14 @@ def mar_measures(args) -> dict:
     ours.load_state_dict(theirs.state_dict())
     theirs.eval(), ours.eval()
     lab = torch.tensor([3])
+    fast = bf16_for_sampling(ours)  # the bf16 tier: bfloat16 encoder / decoder / DiffLoss MLP weights
 
-    def sample(which: str, bf16: bool):
+    def sample(which: str, bf16: bool | str):
         @torch.no_grad()
         def run():
+            if bf16 == "tier":
+                return fast.sample(lab, num_steps=iters, cfg=3.0, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(0))
             with autocast(bf16):
                 if which == "official":
                     return theirs.sample_tokens(bsz=1, num_iter=iters, cfg=3.0, labels=lab, temperature=1.0)
@@ -195,8 +212,8 @@ def mar_measures(args) -> dict:
 
     res = {"config": dict(kw, num_iter=iters, sample_batch=1, cfg=3.0, train_batch=4)}
     np.random.seed(0)
-    res["sample"] = measure({f"{w}_{p}": sample(w, p == "bf16") for w in ("official", "ours")
-                             for p in ("fp32", "bf16")}, args.repeats)
+    res["sample"] = measure({**{f"{w}_{p}": sample(w, p == "bf16") for w in ("official", "ours")
+                                for p in ("fp32", "bf16")}, "ours_tier": sample("ours", "tier")}, args.repeats)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 16, side, side, generator=g)
     tokens = theirs.patchify(latents)
@@ -225,7 +242,9 @@ def ratios(m: dict) -> dict:
     return {"ours_bf16_vs_official_fp32": t["official_fp32"] / t["ours_bf16"],
             "ours_bf16_vs_official_bf16": t["official_bf16"] / t["ours_bf16"],
             "ours_fp32_vs_official_fp32": t["official_fp32"] / t["ours_fp32"],
-            "ours_bf16_vs_ours_fp32": t["ours_fp32"] / t["ours_bf16"]}
+            "ours_bf16_vs_ours_fp32": t["ours_fp32"] / t["ours_bf16"],
+            **({"ours_tier_vs_official_fp32": t["official_fp32"] / t["ours_tier"],
+                "ours_tier_vs_official_bf16": t["official_bf16"] / t["ours_tier"]} if "ours_tier" in t else {})}
 
 
 def main() -> None:

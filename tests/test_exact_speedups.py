@@ -261,3 +261,24 @@ def test_bf16_logits_with_ties_at_the_kth_value_take_the_short_path():
     finally:
         sampling._top_p_of_top_k_ = orig
     assert min(taken) > 0.1, taken  # those rows decided without a sort (was: none)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_mlp_fused_fc1_gelu_equals_the_two_step_path(approximate):
+    from genmodels.nn import attention
+    if not attention._ONEDNN_LINEAR_POINTWISE:
+        pytest.skip("this torch build has no oneDNN linear_pointwise")
+    torch.manual_seed(0)
+    mlp = attention.Mlp(64, 256, drop=0.1, approximate=approximate).eval()
+    x = torch.randn(3, 11, 64)
+    with torch.no_grad():
+        assert attention._fuse_linear_act(x, mlp.fc1, mlp.training)  # the fused path is the one taken
+        fused = mlp(x)
+        plain = mlp.fc2(mlp.act(mlp.fc1(x)))
+        assert_close_f32(fused, plain, what=f"fused fc1 + GELU({approximate})")
+        assert_close_f32(mlp(x[:, ::2]), plain[:, ::2], what="strided input")
+        # training mode (dropout) and autocast take the plain path
+        assert not attention._fuse_linear_act(x, mlp.fc1, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not attention._fuse_linear_act(x, mlp.fc1, False)
+    assert not attention._fuse_linear_act(x, mlp.fc1, False)  # autograd on: gradients need the plain ops

@@ -251,7 +251,26 @@ class Mlp(nn.Module):
         self.hidden_drop = self.drop if hidden_drop is None else Dropout(hidden_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fuse_linear_act(x, self.fc1, self.training):
+            # inference on the CPU: fc1 and the GELU in one oneDNN call (torch's own op, the one
+            # inductor emits): the activation is applied while the tile is in cache, not in a
+            # second pass over (rows, hidden) floats; the same values up to float32 rounding
+            h = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [],
+                                                   self.act.approximate)
+            return self.fc2(h)
         return self.drop(self.fc2(self.hidden_drop(self.act(self.fc1(x)))))
+
+
+_ONEDNN_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _fuse_linear_act(x: torch.Tensor, fc: nn.Linear, training: bool) -> bool:
+    """Whether ``fc`` + its activation may run as one oneDNN call: CPU inference (no autograd,
+    eval mode: no dropout), float32 or bfloat16 weights and input of one dtype, no autocast,
+    not while torch.compile traces (inductor fuses by itself)."""
+    return (_ONEDNN_LINEAR_POINTWISE and not training and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == fc.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and fc.bias is not None
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 class Block(nn.Module):
