@@ -77,7 +77,55 @@ LEVERS = {
     "var_scale_causal_attention": "VAR training: block-causal attention by scale boundaries (nn.attention."
                                   "ScaleCausalMask): the last two scales mask-free, a third fewer scores",
     "fused_adamw_cpu": "training: AdamW fused on the CPU (training.common.adamw; the trainer's optimizer)",
+    "mlp_fused_fc1_gelu": "CPU inference: an MLP's fc1 and its GELU in one oneDNN call (torch.ops.mkldnn."
+                          "_linear_pointwise; nn.attention.Mlp): no second pass over the hidden activations",
+    "diffloss_adaln_chunk_8mb": "DiffLoss sampling: the batched adaLN outputs in chunks of <= 8 MB (larger ones "
+                                "are fresh mmaps: page faults on every call; 64 MB chunks cost ~0.9 s at batch 64)",
 }
+
+
+# ----------------------------------------------------------------------------- roofline
+def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return 2 * rows * w_shape[0] * w_shape[1]
+
+
+def count_flops(fn) -> int:
+    """Matmul / conv / attention FLOPs of one call (torch.utils.flop_counter; the fused oneDNN
+    linear + activation counted as its matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise.default] = _linear_pointwise_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def sgemm_peak(repeats: int = 10) -> float:
+    """FLOP/s (per CPU-second) of a float32 (2048 x 512) @ (512 x 2048) matmul at the current
+    thread count: the matmul speed both sides' linear layers can reach on this machine."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 512, generator=g), torch.randn(512, 2048, generator=g)
+    a @ b
+    t = time.process_time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 2048 * 512 * 2048 * repeats / (time.process_time() - t)
+
+
+def roofline(r: dict, official, ours) -> dict:
+    """Adds FLOPs of both sides, the sgemm peak and ``ceiling``: the official CPU time over the
+    time our FLOPs take at that peak, i.e. the largest ratio an implementation of our FLOPs could
+    reach in float32 if every FLOP ran at matmul peak and nothing else cost time."""
+    fo, fu, peak = count_flops(official), count_flops(ours), sgemm_peak()
+    r.update(official_gflop=fo / 1e9, ours_gflop=fu / 1e9, peak_gflops=peak / 1e9,
+             official_achieved_gflops=fo / r["official_cpu_s"] / 1e9, ours_achieved_gflops=fu / r["ours_cpu_s"] / 1e9,
+             ceiling=r["official_cpu_s"] / (fu / peak))
+    return r
 
 
 # ----------------------------------------------------------------------------- timing
@@ -221,7 +269,8 @@ def var_measures(args, root: Path) -> tuple[dict, dict]:
         torch.set_num_threads(t)
         if "var_sample" in args.only:
             ovar.eval(), var.eval()
-            out[f"var_sample@{t}"] = interleaved(official_sample, ours_sample, args.repeats)
+            out[f"var_sample@{t}"] = roofline(interleaved(official_sample, ours_sample, args.repeats),
+                                              official_sample, ours_sample)
             report(f"var_sample@{t}", out[f"var_sample@{t}"])
         if "var_train" in args.only:
             ovar.train(), var.train()
@@ -317,7 +366,8 @@ def mar_measures(args, root: Path) -> dict:
         torch.set_num_threads(t)
         for name, cfg, bsz in runs:
             if name.startswith("mar_sample") and "mar_sample" in args.only:
-                out[f"{name}@{t}"] = interleaved(*sampler(theirs, ours, cfg, bsz), args.repeats)
+                out[f"{name}@{t}"] = roofline(interleaved(*sampler(theirs, ours, cfg, bsz), args.repeats),
+                                              *sampler(theirs, ours, cfg, bsz))
                 report(f"{name}@{t}", out[f"{name}@{t}"])
         if "mar_train" in args.only:
             theirs.train(), ours.train()
@@ -334,7 +384,8 @@ def mar_measures(args, root: Path) -> dict:
             torch.set_num_threads(t)
             for cfg in args.big_cfgs:
                 name = f"mar_sample_{'cfg3' if cfg != 1 else 'nocfg'}_b{bsz}_{side}x{side}_buf{buf}_{it}iters@{t}"
-                out[name] = interleaved(*sampler(theirs_b, ours_b, cfg, bsz, it), args.big_repeats)
+                out[name] = roofline(interleaved(*sampler(theirs_b, ours_b, cfg, bsz, it), args.big_repeats),
+                                     *sampler(theirs_b, ours_b, cfg, bsz, it))
                 report(name, out[name])
     return out
 
@@ -405,15 +456,22 @@ def write_md(path: Path, data: dict) -> None:
              "Tier: **exact** (default code path; same tokens for the same seed, float32 within the parity "
              "tests' tolerance). Ratio = official CPU time / ours, median of "
              f"{meta['repeats']} interleaved pairs (min..max over the pairs); > 1: ours is faster.", "",
-             "| measure | threads | official s | ours s | ratio (min..max) | wall ratio | target |",
-             "|---|---|---|---|---|---|---|"]
+             "| measure | threads | official s | ours s | ratio (min..max) | wall ratio | target | "
+             "GFLOP official / ours | matmul peak GFLOP/s | ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in data["results"].items():
         name, t = key.split("@")
         target = next((v for k, v in TARGETS.items() if name.startswith(k)), None)
         lines.append(f"| {name} | {t} | {r['official_cpu_s']:.3f} | {r['ours_cpu_s']:.3f} | "
                      f"**{r['ratio']:.2f}** ({r['ratio_min']:.2f}..{r['ratio_max']:.2f}) | {r['wall_ratio']:.2f} | "
-                     f"{'>= ' + format(target, '.2f') if target else ''} |")
-    lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in data.get("checks", {}).items()), "",
+                     f"{'>= ' + format(target, '.2f') if target else ''} | "
+                     + (f"{r['official_gflop']:.0f} / {r['ours_gflop']:.0f} | {r['peak_gflops']:.0f} | "
+                        f"{r['ceiling']:.2f} |" if "ceiling" in r else "| | |"))
+    lines += ["", "Ceiling (sampling rows): the official CPU time over the time our FLOPs (matmuls, convolutions, "
+              "attention; `torch.utils.flop_counter`) would take at the float32 matmul peak timed in the same "
+              "run (a 2048 x 512 x 2048 sgemm), i.e. the largest ratio any float32 implementation of our FLOPs "
+              "could reach if nothing but matmuls cost time. A target above it needs fewer FLOPs or lower "
+              "precision (the bf16 tier), not a faster exact kernel.", "", "Checks: " + ", ".join(f"{k} = {v}" for k, v in data.get("checks", {}).items()), "",
               "Levers on (all in the default path; rows named `*_compiled` add the opt-in "
               "`GeneratorModule(compile=True)`: `torch.compile` of the training loss):", ""]
     note = data.get("meta", {}).get("note")

@@ -395,7 +395,7 @@ class DiffLoss(nn.Module):
     """
 
     #: floats of adaLN outputs ``sample`` precomputes at once (steps x rows x (3 depth + 2) width)
-    MOD_CHUNK = 1 << 24
+    MOD_CHUNK = 1 << 21  # 8 MB: larger outputs are fresh mmaps (page faults on every call); measured at batch 64
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
                  num_sampling_steps: str | int = "100", grad_checkpointing: bool = False,
