@@ -121,6 +121,7 @@ def per_token(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).transpose(1, 2) if t.ndim == 4 else t
 
 
+@torch.no_grad()  # as the editing path decodes (inference decodes take the channels-last CPU path)
 def reconstruction(p: Pipeline, x: torch.Tensor) -> torch.Tensor:
     tok = p.tokenizer
     z = tok.encode(x, sample=False) if isinstance(tok, KLVAE) else tok.encode(x)

@@ -282,3 +282,20 @@ def test_mlp_fused_fc1_gelu_equals_the_two_step_path(approximate):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not attention._fuse_linear_act(x, mlp.fc1, False)
     assert not attention._fuse_linear_act(x, mlp.fc1, False)  # autograd on: gradients need the plain ops
+
+
+def test_inference_decode_in_channels_last_chunks_equals_the_autograd_path():
+    from genmodels.nn.conv import Decoder
+    torch.manual_seed(0)
+    dec = Decoder(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, attn_levels=(2,)).eval()
+    z = torch.randn(5, 4, 8, 8)
+    ref = dec(z)  # autograd on: the plain NCHW path on the whole batch
+    old = Decoder.INFERENCE_CHUNK_BYTES
+    try:
+        Decoder.INFERENCE_CHUNK_BYTES = 2 * 32 * 32 * 32 * 4  # two samples per chunk: 3 chunks
+        with torch.no_grad():
+            out = dec(z)
+    finally:
+        Decoder.INFERENCE_CHUNK_BYTES = old
+    assert out.is_contiguous() and out.shape == ref.shape
+    assert_close_f32(out, ref.detach(), rtol=1e-4, what="channels-last chunked decode")

@@ -250,13 +250,18 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, _, h, w = z.shape
-        if B > 1 and not torch.is_grad_enabled():
-            L = self.num_levels
-            per_sample = max(c * (h << (L - 1 - i)) * (w << (L - 1 - i)) for i, c in enumerate(self._level_channels))
-            n = max(1, self.INFERENCE_CHUNK_BYTES // (per_sample * z.element_size()))
-            if n < B:
-                return torch.cat([self._forward(c) for c in z.split(n)])
-        return self._forward(z)
+        if torch.is_grad_enabled():
+            return self._forward(z)
+        if z.device.type == "cpu":
+            # oneDNN's 3x3 convolutions at these widths (32-128 channels, up to 256^2) run ~2x
+            # faster on channels-last activations on the CPU (the weights stay as they are):
+            # the decode of VAR's sampler 0.94 -> 0.75 s; float32 sums in another order
+            z = z.contiguous(memory_format=torch.channels_last)
+        L = self.num_levels
+        per_sample = max(c * (h << (L - 1 - i)) * (w << (L - 1 - i)) for i, c in enumerate(self._level_channels))
+        n = max(1, self.INFERENCE_CHUNK_BYTES // (per_sample * z.element_size()))
+        out = torch.cat([self._forward(c) for c in z.split(n)]) if n < B else self._forward(z)
+        return out.contiguous()
 
     def _forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))

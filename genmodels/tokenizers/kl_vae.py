@@ -146,7 +146,7 @@ class KLVAE(Tokenizer):
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (B, embed_dim, h, w) -> images (unclamped) (official ``decode``)."""
-        dt = self.post_quant_conv.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
+        dt = self.decoder.conv_in.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
         return self.decoder(self.post_quant_conv(z.to(dt))).to(z.dtype)
 
     def patchify(self, z: torch.Tensor) -> torch.Tensor:

@@ -528,7 +528,7 @@ class VQVAE(Tokenizer):
     # ------------------------------------------------------------------ official helper names
     def fhat_to_img(self, f_hat: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """f_hat (B, Cvae, pK, pK) -> images; clamped to [-1, 1] like the official helper."""
-        dt = self.post_quant_conv.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
+        dt = self.decoder.conv_in.weight.dtype  # bfloat16 in the bf16 tier's sampling copy (genmodels.precision)
         img = self.decoder(self.post_quant_conv(f_hat.to(dt))).float()
         return img.clamp(-1, 1) if clamp else img
 
