@@ -101,7 +101,7 @@ def count_flops(fn) -> int:
 
     mapping = {}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        mapping[torch.ops.mkldnn._linear_pointwise.default] = _linear_pointwise_flops
+        mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops  # keyed by the overload packet
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return int(fc.get_total_flops())
