@@ -37,6 +37,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from genmodels.training.common import adamw  # noqa: E402  (imports Lightning before the torchvision stub)
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -147,8 +149,10 @@ def var_measures(args) -> dict:
     tl = labels[:Bt]
     L = tokens.shape[1]
     ovar.train(), var.train()
-    opt_o = torch.optim.AdamW(ovar.parameters(), lr=1e-4)
-    opt_u = torch.optim.AdamW(var.parameters(), lr=1e-4)
+    # each side's own optimizer: the official VAR trains with fused AdamW (train.py ``afuse=True``),
+    # ours with the trainer's (training.common.adamw: fused on the CPU, in bf16-mixed too)
+    opt_o = torch.optim.AdamW(ovar.parameters(), lr=1e-4, fused=True)
+    opt_u = adamw(var.parameters(), SimpleNamespace(precision="bf16-mixed"), bf16_clip_safe=True, lr=1e-4)
 
     def train(which: str, bf16: bool):
         def run():
@@ -219,13 +223,27 @@ def mar_measures(args) -> dict:
     tokens = theirs.patchify(latents)
     labels = torch.randint(0, 10, (4,), generator=g)
     theirs.train(), ours.train()
+    # each side's own optimizer: the official MAR's plain AdamW (main_mar.py), ours the trainer's
+    # (training.common.adamw: fused on the CPU, in bf16-mixed too)
     opt_o = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
-    opt_u = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
+    opt_u = adamw(ours.parameters(), SimpleNamespace(precision="bf16-mixed"), bf16_clip_safe=True, lr=1e-4,
+                  betas=(0.9, 0.95), weight_decay=0.02)
+    # the same masks on both sides (the masked count sets the work): the official draws its orders
+    # and mask ratio from numpy's global RNG, seeded per call; ours gets that call's mask
+    masks = []
+    for i in range(args.repeats + 1):
+        np.random.seed(i)
+        masks.append(theirs.random_masking(tokens, theirs.sample_orders(tokens.shape[0])).bool())
+    calls = {"official": 0, "ours": 0}
 
     def train(which: str, bf16: bool):
         def run():
+            i = calls[which] % len(masks)
+            calls[which] += 1
+            np.random.seed(i)
             with autocast(bf16):
-                loss = theirs(latents, labels) if which == "official" else ours.forward_loss(tokens, labels)["loss"]
+                loss = theirs(latents, labels) if which == "official" else \
+                    ours.forward_loss(tokens, labels, mask=masks[i])["loss"]
             opt = opt_o if which == "official" else opt_u
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -299,3 +299,36 @@ def test_inference_decode_in_channels_last_chunks_equals_the_autograd_path():
         Decoder.INFERENCE_CHUNK_BYTES = old
     assert out.is_contiguous() and out.shape == ref.shape
     assert_close_f32(out, ref.detach(), rtol=1e-4, what="channels-last chunked decode")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_generator_training_uses_fused_adamw_and_still_clips(tmp_path, precision):
+    """The trainer's AdamW is fused on the CPU in float32 and in bf16-mixed (no loss scaler, so
+    Lightning's refusal to clip with self-unscaling optimizers does not apply: the module clips
+    with Lightning's base clipping); the clipped gradient norm is the clip value."""
+    import lightning
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genmodels.generators.mar import MAR
+    from genmodels.training import GeneratorModule
+    from helpers import tiny_kl
+
+    torch.manual_seed(0)
+    gen = MAR(token_shape=(8, 8), token_channels=4, num_classes=10, encoder_embed_dim=32, encoder_depth=1,
+              encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, buffer_size=2,
+              diffloss_d=1, diffloss_w=32)
+    module = GeneratorModule(gen, tokenizer=tiny_kl(), ema_decay=None, lr=1e-3)
+    norms = []
+
+    class Norms(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # after clipping and the step
+            grads = [p.grad for p in pl_module.generator.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            assert trainer.optimizers[0].defaults["fused"]
+
+    data = DataLoader(TensorDataset(torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 10), batch_size=4)
+    trainer = lightning.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=1e-3, max_steps=2,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Norms()])
+    trainer.fit(module, data)
+    assert len(norms) == 2 and all(abs(n - 1e-3) < 1e-5 for n in norms)

@@ -29,8 +29,8 @@ from genmodels.evaluation.results import model_metadata
 from genmodels.generators.base import Generator
 from genmodels.tokenizers import load_tokenizer
 from genmodels.tokenizers.base import Tokenizer
-from genmodels.training.common import (adamw, check_checkpoint_fits, check_finite_losses, lr_lambda, on_setup,
-                                       param_groups, seed_step)
+from genmodels.training.common import (adamw, check_checkpoint_fits, check_finite_losses, clip_bf16_fused,
+                                       lr_lambda, on_setup, param_groups, seed_step)
 from genmodels.pipeline import DEFAULT_BLOCK_SIZE, Pipeline
 from genmodels.training.quiet import ignore_frozen_eval_modules
 from genmodels.utils.images import quantize_uint8, save_grid, save_pngs, to_uint8, write_adm_npz
@@ -277,7 +277,8 @@ class GeneratorModule(LightningModule):
         h = self.hparams
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
         no_decay = self.generator.no_weight_decay() if hasattr(self.generator, "no_weight_decay") else ()
-        opt = adamw(param_groups(self.generator, h.weight_decay, no_decay), self._trainer, lr=h.lr, betas=h.betas)
+        opt = adamw(param_groups(self.generator, h.weight_decay, no_decay), self._trainer, bf16_clip_safe=True,
+                    lr=h.lr, betas=h.betas)
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.lr_schedule, h.warmup_steps, total, h.min_lr_ratio,
                                                                h.start_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
@@ -288,6 +289,8 @@ class GeneratorModule(LightningModule):
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and hasattr(model, "clip_grad_norm_"):
             # FSDP (configs/trainer/fsdp.yaml): the norm over every shard; Lightning's FSDPPrecision refuses 'norm'
             model.clip_grad_norm_(gradient_clip_val)
+            return
+        if clip_bf16_fused(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
