@@ -1,6 +1,7 @@
 """GPU check of issue 17 (one GPU, <= 8 minutes): images/second and peak memory of VAR-d16 and
 MAR-B sampling at the official sizes with random weights, ours vs the official code, batch 1
-and 64, bfloat16 autocast (and float32 at batch 64); training-step throughput; peak memory.
+and 64, bfloat16 autocast and ours with bf16 weights (``genmodels.precision``, the bf16 tier), and
+float32 at batch 64; training-step throughput; peak memory.
 
     bash benchmarks/gpu_check.sh                      # on the GPU machine, writes $OUT/gpu_check.{json,md}
     PYTHONPATH=. python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_dry   # CPU, tiny sizes
@@ -177,6 +178,7 @@ def main() -> None:
         res["rows"].append(kw)
         print(json.dumps(kw), flush=True)
 
+    from genmodels.precision import bf16_for_sampling
     from genmodels.sampling import from_var
     bf16 = torch.bfloat16
     # ------------------------------------------------------------------ VAR-d16
@@ -187,11 +189,12 @@ def main() -> None:
         for b in var.blocks:
             b.forward = torch.compile(b.forward, dynamic=True)
     skw = dict(cfg=1.5, top_k=900, top_p=0.96)
+    fvar, fvae = bf16_for_sampling(var, vae)  # the bf16 tier: bf16 trunk / decoder weights, float32 logits
     for B in batches:
         for dtype in ((bf16, torch.float32) if B == batches[-1] else (bf16,)):
             labels = torch.arange(B, device=dev) % 1000
-            for side in ("ours", "official"):
-                if side == "official" and off is None:
+            for side in ("ours", "ours_bf16_weights", "official"):
+                if (side == "official" and off is None) or (side == "ours_bf16_weights" and dtype != bf16):
                     continue
                 if left(args) < 60:
                     res["notes"].append(f"VAR sampling B={B} {side} skipped: time budget")
@@ -199,6 +202,10 @@ def main() -> None:
 
                 @torch.no_grad()
                 def run():
+                    if side == "ours_bf16_weights":
+                        _, f_hat = fvar.autoregressive_infer_cfg(labels, generator=torch.Generator(dev).manual_seed(0),
+                                                                 **from_var(**skw))
+                        return fvae.fhat_to_img(f_hat)
                     with autocast(dev, dtype):
                         if side == "official":
                             return off[1].autoregressive_infer_cfg(B, labels, g_seed=0, **skw)
@@ -235,7 +242,7 @@ def main() -> None:
         row(model="VAR-d16", what="train_step", side=side, batch=Bt, dtype="bfloat16", images_per_s=Bt / t["median_s"],
             **t)
         model.eval()
-    del var, vae, off
+    del var, vae, off, fvar, fvae
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     # ------------------------------------------------------------------ MAR-B
@@ -243,11 +250,12 @@ def main() -> None:
     if theirs is None:
         res["notes"].append("official MAR code not found / not importable: MAR rows are ours only")
     iters = 4 if args.dry_run else 64
+    fast = bf16_for_sampling(ours)
     for B in batches:
         for dtype in ((bf16, torch.float32) if B == batches[-1] else (bf16,)):
             lab = torch.arange(B, device=dev) % 1000
-            for side in ("ours", "official"):
-                if (side == "official" and theirs is None):
+            for side in ("ours", "ours_bf16_weights", "official"):
+                if (side == "official" and theirs is None) or (side == "ours_bf16_weights" and dtype != bf16):
                     continue
                 if left(args) < 90:
                     res["notes"].append(f"MAR sampling B={B} {side} {dtype} skipped: time budget")
@@ -255,6 +263,9 @@ def main() -> None:
 
                 @torch.no_grad()
                 def run():
+                    if side == "ours_bf16_weights":
+                        return fast.sample(lab, num_steps=iters, cfg=2.9, guidance_schedule="linear", temperature=1.0,
+                                           generator=torch.Generator(dev).manual_seed(0))
                     with autocast(dev, dtype):
                         if side == "official":
                             return theirs.sample_tokens(bsz=B, num_iter=iters, cfg=2.9, cfg_schedule="linear",
