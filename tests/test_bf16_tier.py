@@ -127,3 +127,17 @@ def test_mar_bf16_tier_follows_float32():
         assert b.dtype == torch.float32 and b.shape == a.shape
         rel = float((a - b).abs().max() / a.abs().max())
         assert 0 < rel < 16 * BF16_EPS  # measured 1.3 (cfg 1) and 2.7 (cfg 3) bf16 epsilons
+
+
+def test_generator_module_block_sampler_takes_the_bf16_tier(pipe):
+    from genmodels.training import GeneratorModule
+
+    module = GeneratorModule(generator=pipe.generator, tokenizer=pipe.tokenizer, ema_decay=None,
+                             sample_kwargs={"cfg": 2.0}, sample_block_size=3)
+    fast = module.block_sampler(seed=0, precision="bf16")
+    plain = module.block_sampler(seed=0)
+    a, b = plain(1, 0), fast(1, 0)
+    assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape == (3, 3, 64, 64)
+    assert not torch.equal(a, b)  # bf16 rounding moves some pixels
+    assert (a.float() - b.float()).abs().mean() < 8  # but the same images, mostly
+    assert module.generator.trunk_dtype == torch.float32  # the module's own weights stay float32
