@@ -3,18 +3,19 @@
 ``torch.autocast`` re-casts every float32 weight it meets and converts activations at every
 op boundary; on a CPU with AMX-BF16 (or a GPU with tensor cores) that bookkeeping, not the
 matmuls, becomes the cost. ``bf16_for_sampling(model)`` instead returns a deep copy in which
-the modules a model lists in ``BF16_PARTS`` (its transformer trunk and MAR's DiffLoss MLP,
-a tokenizer's decoder) are cast to bfloat16 once, while everything that decides a token stays float32: embeddings,
-the AdaLN-before-head, the head, the logits, filtering and the draw (no bf16 ties at the
-top-k boundary), and the DiffLoss chain's x_t and its updates. The models' own code casts at
-the seams (``VAR.trunk_dtype``, ``MAR._blocks``, ``DiffLoss.sample``, the tokenizers'
+the modules a model lists in ``BF16_PARTS`` (its transformer trunk and MAR's DiffLoss MLP, a
+tokenizer's decoder) are cast to bfloat16 once, while everything that decides a token stays
+float32: embeddings, the AdaLN-before-head, the head, the logits, filtering and the draw (no
+bf16 ties at the top-k boundary), and the DiffLoss chain's x_t and its updates. The models' own
+code casts at the seams (``VAR.trunk_dtype``, ``MAR._blocks``, ``DiffLoss.sample``, the tokenizers'
 decoders), so the copy is used like the original::
 
     fast = bf16_for_sampling(var)                  # var untouched; fast.blocks are bfloat16
     images = fast.sample_images(labels, cfg=2.5, top_k=900, top_p=0.96, generator=g)
 
 Tokens differ from the float32 sampler's for a few percent of positions (rounding moves
-logits near a decision boundary); the FID change on digits is in ``benchmarks/results/speed.md``.
+logits near a decision boundary); speed and the FID change on digits:
+``benchmarks/results/speed_bf16_approx.md`` (section 2b).
 """
 from __future__ import annotations
 
