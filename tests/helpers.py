@@ -118,6 +118,19 @@ def tiny_vq(patch_nums=(8,)):
                  using_sa=False, using_mid_sa=False, v_patch_nums=list(patch_nums)).eval()
 
 
+def tiny_var(patch_nums):
+    """A random VAR (2 blocks x 64, 5 classes) and its random 64-code multi-scale VQ-VAE (8 dims,
+    ``patch_nums``), unbound: (var, vae), both in eval mode."""
+    import torch
+    from genmodels.generators.var import VAR
+    from genmodels.tokenizers.multiscale_vq import VQVAE
+    torch.manual_seed(0)
+    vae = VQVAE(64, 8, 32, share_quant_resi=2, v_patch_nums=patch_nums, test_mode=True)
+    var = VAR(vocab_size=64, Cvae=8, patch_nums=patch_nums, num_classes=5, depth=2, embed_dim=64, num_heads=2,
+              init_adaln_gamma=0.5).eval()
+    return var, vae
+
+
 def tiny_kl():
     """A random 16-px KL-VAE (8x8x4 continuous tokens)."""
     import torch

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import F32_DEEP_RTOL, assert_close_f32
+from helpers import F32_DEEP_RTOL, assert_close_f32, tiny_var
 
 from genmodels.generators.mar import MAR, lazy_sample
-from genmodels.generators.var import VAR, fastvar_infer_cfg
-from genmodels.tokenizers.multiscale_vq import VQVAE
+from genmodels.generators.var import fastvar_infer_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,10 +18,7 @@ PN = (1, 2, 3, 4, 6)
 
 @pytest.fixture(scope="module")
 def var():
-    torch.manual_seed(0)
-    vae = VQVAE(64, 8, 32, share_quant_resi=2, v_patch_nums=PN, test_mode=True)
-    m = VAR(vocab_size=64, Cvae=8, patch_nums=PN, num_classes=5, depth=2, embed_dim=64, num_heads=2,
-            init_adaln_gamma=0.5).eval()
+    m, vae = tiny_var(PN)
     m.bind_tokenizer(vae)
     return m
 

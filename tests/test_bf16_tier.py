@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_var
 
 from genmodels import sampling
 from genmodels.errors import GenmodelsError
@@ -11,7 +12,6 @@ from genmodels.evaluation.evaluator import Evaluator
 from genmodels.generators.var import VAR
 from genmodels.pipeline import Pipeline
 from genmodels.precision import bf16_for_sampling
-from genmodels.tokenizers.multiscale_vq import VQVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,11 +21,7 @@ BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 significant bits
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    vae = VQVAE(64, 8, 32, share_quant_resi=2, v_patch_nums=PN, test_mode=True)
-    var = VAR(vocab_size=64, Cvae=8, patch_nums=PN, num_classes=5, depth=2, embed_dim=64, num_heads=2,
-              init_adaln_gamma=0.5).eval()
-    return Pipeline(var, vae)
+    return Pipeline(*tiny_var(PN))
 
 
 def test_copy_casts_the_trunk_and_decoder_only_and_leaves_the_original(pipe):
