@@ -83,6 +83,9 @@ LEVERS = {
                              "convolutions at 32-128 channels ~2x faster than on NCHW)",
     "diffloss_adaln_chunk_8mb": "DiffLoss sampling: the batched adaLN outputs in chunks of <= 8 MB (larger ones "
                                 "are fresh mmaps: page faults on every call; 64 MB chunks cost ~0.9 s at batch 64)",
+    "multinomial_at_candidates": "CPU draw (sampling.multinomial_one): torch.multinomial's exponential race with "
+                                 "the same 64-bit random numbers (random_, the same stream) and the double log1p "
+                                 "only at the top-k ids, not at all 4,096: the same ids and generator state",
 }
 
 

@@ -150,10 +150,22 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
     no sort of the whole vocabulary, the same filtered set bit for bit); rows it cannot
     decide take the full sort.
     """
+    return filter_logits_with_candidates_(logits, top_k, top_p)[0]
+
+
+def filter_logits_with_candidates_(logits: torch.Tensor, top_k: int = 0,
+                                   top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``filter_logits_`` that also returns the top-k ids it found: ``(logits, candidates)``.
+
+    ``candidates`` (N, m) int64, N = logits[..., 0].numel(), m >= top_k: per row, ids that
+    include every logit left finite (the survivors), for ``sample_categorical(candidates=)``;
+    None when top-k is off or a row's survivors are not all among them (ties at the k-th
+    value past the ids found, rows the top-p had to sort).
+    """
     V = logits.shape[-1]
     if 0 < top_k < V:
+        flat = logits.view(-1, V)
         if top_p < 1.0:
-            flat = logits.view(-1, V)
             # the k + 1 largest: the (k+1)-th tells whether the k-th value is tied (more survivors)
             vals, idx = flat.topk(top_k + 1, dim=-1, largest=True, sorted=True)
             kth = vals[:, top_k - 1:top_k]
@@ -167,12 +179,18 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> 
             if bool(rest.any()):
                 sub = flat[rest]
                 flat[rest] = _top_p_sorted_(sub.masked_fill_(sub < kth[rest], -torch.inf), top_p)
-            return logits
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
+                return logits, None
+            return logits, idx[:, :-1]
+        vals, idx = flat.topk(top_k, dim=-1, largest=True, sorted=False)
+        kth = vals.amin(dim=-1, keepdim=True)
+        drop = flat < kth
+        flat.masked_fill_(drop, -torch.inf)
+        # a tie at a finite k-th value keeps more than k logits: then the k ids do not cover them
+        covered = (drop.sum(-1) == V - top_k) | (kth[:, 0] == -torch.inf)
+        return logits, idx if bool(covered.all()) else None
     if top_p < 1.0:
         _top_p_sorted_(logits, top_p)
-    return logits
+    return logits, None
 
 
 def _top_p_sorted_(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -239,24 +257,82 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
 
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None, *,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       method: str = "multinomial") -> torch.Tensor:
+                       method: str = "multinomial", candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one id per row of softmax(filter(logits / temperature)). logits (..., V) -> (...) int64.
 
     ``method``: ``multinomial`` (``torch.multinomial`` on the probabilities, as VAR, MAR and
-    LlamaGen-style code draw) or ``gumbel`` (argmax of logits + Gumbel noise, as 1d-tokenizer).
-    Both give the same distribution; they consume the generator differently.
+    LlamaGen-style code draw; ``multinomial_one``) or ``gumbel`` (argmax of logits + Gumbel
+    noise, as 1d-tokenizer). Both give the same distribution; they consume the generator
+    differently. ``candidates`` (N, m): ids covering every finite logit of each row, from
+    ``filter_logits_with_candidates_`` when the caller filtered the logits itself.
     """
     if temperature != 1.0:
-        logits = logits.float() / temperature
+        logits = (logits.float() / temperature).contiguous()
     elif top_k > 0 or top_p < 1.0:
-        logits = logits.float().clone()  # filtered in place below; the caller's logits stay
+        # filtered in place below; the caller's logits stay
+        logits = logits.float().clone(memory_format=torch.contiguous_format)
     else:
         logits = logits.float()  # nothing to filter: no copy
-    filter_logits_(logits, top_k, top_p)
+    if top_k > 0 or top_p < 1.0:
+        logits, candidates = filter_logits_with_candidates_(logits, top_k, top_p)
     if method == "gumbel":
         return (logits + gumbel_noise(tuple(logits.shape), generator, logits.device)).argmax(-1)
     if method != "multinomial":
         raise GenmodelsError(f"method must be 'multinomial' or 'gumbel', got {method!r}")
     V = logits.shape[-1]
     probs = logits.softmax(dim=-1).reshape(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(logits.shape[:-1])
+    return multinomial_one(probs, generator, candidates).view(logits.shape[:-1])
+
+
+_MANTISSA = (1 << 53) - 1  # the 53 bits of a double in [0, 1) that torch's CPU uniform keeps
+_EXACT_DRAW: dict[str, bool] = {}
+
+
+def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = None,
+                    candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, generator=generator)`` as (N,) int64, probs (N, V).
+
+    torch draws one id per row as argmax_j p_j / q_j with q ~ Exp(1) over the whole row (the
+    exponential race), and on the CPU each q_j is ``-log1p(-u_j)`` in double of one 64-bit
+    random number u_j, drawn serially with a double ``log1p`` per entry: 4,096 of them per VAR
+    token, ~6 % of VAR's sampling. With ``candidates`` (N, m) that cover every p_j > 0, the
+    same 64-bit numbers come from ``random_`` (the same generator stream, ~4x cheaper) and q
+    is computed only at the candidates, so the id and the generator's state afterwards are
+    torch's own, bit for bit. Written here because torch has no such draw; it is used only
+    where a probe at first use finds it equal to ``exponential_`` (float32 CPU), else torch's.
+    The one difference: a u_j = 0 at a non-candidate (probability 2^-53 per entry) makes torch
+    return that zero-probability id; here a candidate is drawn.
+    """
+    N, V = probs.shape
+    if (candidates is None or 2 * candidates.shape[-1] > V or probs.device.type != "cpu"
+            or probs.dtype != torch.float32 or not probs.is_contiguous() or not _exact_draw_ok()):
+        # (with more than V / 2 candidates the double log1p at them costs what torch's draw does)
+        return torch.multinomial(probs, 1, replacement=True, generator=generator).view(N)
+    lo, hi = torch.aminmax(probs)
+    if not (bool(hi < torch.inf) and bool(lo >= 0) and bool((probs.sum(-1) > 0).all())):
+        return torch.multinomial(probs, 1, replacement=True, generator=generator).view(N)  # raises torch's error
+    out = torch.empty(N, dtype=torch.int64)
+    rows = max(1, (1 << 20) // V)  # <= 8 MB of random bits at a time: one buffer, reused
+    bits = torch.empty(min(rows, N), V, dtype=torch.int64)
+    for r0 in range(0, N, rows):
+        b = bits[:min(rows, N - r0)].random_(generator=generator)  # the stream of exponential_, in order
+        cand = candidates[r0:r0 + b.shape[0]]
+        u = b.gather(1, cand).bitwise_and_(_MANTISSA).double().mul_(2.0 ** -53)
+        q = u.neg_().log1p_().neg_().float()  # torch's exponential(): -1 / lambda * log1p(-u), lambda = 1
+        ratio = probs[r0:r0 + b.shape[0]].gather(1, cand).div_(q)
+        # argmax over the row in id order: the smallest id among equal maxima
+        best = ratio.amax(-1, keepdim=True)
+        out[r0:r0 + b.shape[0]] = torch.where(ratio == best, cand, V).amin(-1)
+    return out
+
+
+def _exact_draw_ok() -> bool:
+    """Does ``multinomial_one``'s draw reproduce this torch's CPU ``exponential_`` bit for bit
+    (values and the generator state after)? Probed once per process."""
+    if "cpu" not in _EXACT_DRAW:
+        g1, g2 = torch.Generator().manual_seed(2024), torch.Generator().manual_seed(2024)
+        q = torch.empty(64, 512).exponential_(1, generator=g1)
+        u = torch.empty(64, 512, dtype=torch.int64).random_(generator=g2).bitwise_and_(_MANTISSA)
+        mine = u.double().mul_(2.0 ** -53).neg_().log1p_().neg_().float()
+        _EXACT_DRAW["cpu"] = torch.equal(q, mine) and torch.equal(g1.get_state(), g2.get_state())
+    return _EXACT_DRAW["cpu"]

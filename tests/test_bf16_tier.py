@@ -44,9 +44,9 @@ def _teacher_forced_logits(var: VAR, labels: torch.Tensor, tokens: torch.Tensor,
     seen: list[torch.Tensor] = []
     real = sampling.sample_categorical
 
-    def spy(logits, generator=None):
+    def spy(logits, generator=None, **kw):
         seen.append(logits.clone())
-        return real(logits, generator)
+        return real(logits, generator, **kw)
     monkeypatch.setattr(sampling, "sample_categorical", spy)
     var.autoregressive_infer_cfg(labels, cfg=2.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0),
                                  known=(tokens, torch.zeros_like(tokens, dtype=torch.bool)))

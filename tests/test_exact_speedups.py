@@ -92,6 +92,52 @@ def test_top_p_on_top_k_takes_the_short_path_and_the_same_draws():
     assert all(bool(t.all()) for t in taken) and len(taken) == 20
 
 
+@pytest.mark.parametrize("case", range(11))
+def test_candidates_cover_the_survivors_and_the_draw_is_torch_multinomial(case):
+    """``filter_logits_with_candidates_`` filters as ``filter_logits_`` and its ids cover every
+    survivor; ``multinomial_one`` at those ids draws what ``torch.multinomial`` draws (the
+    official VAR / MAR-CE draw) and leaves the generator in the same state, seed after seed."""
+    logits, k, p = list(_cases())[case]
+    for top_p in (p, 1.0):  # top-k + top-p, top-k alone
+        want = official_filter_(logits.clone(), k, top_p)
+        got, cand = sampling.filter_logits_with_candidates_(logits.clone(), k, top_p)
+        assert torch.equal(got, want)
+        V = logits.shape[-1]
+        probs = got.softmax(-1).reshape(-1, V)
+        if cand is not None:
+            finite = torch.isfinite(got).reshape(-1, V)
+            assert torch.equal(finite.gather(1, cand).sum(-1), finite.sum(-1))
+        elif top_p == 1.0 and case not in (4, 8, 9, 10):  # ties at the k-th value: survivors past the k ids
+            raise AssertionError(f"case {case}: no candidates without ties")
+        for seed in range(3):
+            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            a = torch.multinomial(probs, 1, replacement=True, generator=g1).view(-1)
+            assert torch.equal(sampling.multinomial_one(probs, g2, cand), a)
+            assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_candidate_draw_in_chunks_is_torch_multinomial():
+    """VAR's last-scale size: 4 x 256 rows of 4,096 (several 8 MB chunks of random bits), with
+    the candidates from the filter, and the fallback when the first-use probe fails."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 256, 4096, generator=g) * 3
+    got, cand = sampling.filter_logits_with_candidates_(logits, 900, 0.96)
+    assert cand is not None and cand.shape == (1024, 900)
+    probs = got.softmax(-1).view(-1, 4096)
+    for probe in (True, False):
+        sampling._EXACT_DRAW["cpu"] = probe
+        try:
+            g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+            a = torch.multinomial(probs, 1, replacement=True, generator=g1).view(-1)
+            assert torch.equal(sampling.multinomial_one(probs, g2, cand), a)
+            assert torch.equal(g1.get_state(), g2.get_state())
+        finally:
+            sampling._EXACT_DRAW.pop("cpu")
+    assert sampling._exact_draw_ok()  # this torch: the probe finds the draw equal
+    with pytest.raises(RuntimeError, match="probability tensor"):  # torch's own error for bad probabilities
+        sampling.multinomial_one(probs.clone().fill_(float("nan")), g, cand)
+
+
 def test_kv_cache_buffer_equals_concatenation():
     torch.manual_seed(0)
     attn = Attention(64, 4, qkv_bias="qv", qk_norm="l2").eval()

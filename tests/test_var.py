@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from genmodels.checkpoints import from_official
 from genmodels.generators.var import VAR
+from genmodels import sampling
 from genmodels.sampling import filter_logits, from_var, sample_categorical
 from genmodels.utils.config import instantiate
 from helpers import F32_DEEP_RTOL, F32_RTOL, assert_close_f32
@@ -133,6 +134,24 @@ def test_sampling_matches_official(name, run, vae):
     assert_close_f32((images + 1) / 2, d[f"sample.{run}.images01"], rtol=rtol, what=f"{run} images")
     if not kw.get("more_smooth"):  # decoding the returned tokens gives the same image
         assert_close_f32(vae.decode(tokens), images, rtol=rtol, what=f"{run} decode(tokens)")
+
+
+def test_official_draws_at_the_top_k_candidates(vae, monkeypatch):
+    """The top-k + top-p run draws every scale through ``multinomial_one`` at the filter's
+    candidate ids (the CPU fast path) and still gives the official tokens."""
+    model, d, meta = load_case("aln", vae)
+    official = dict(meta["sampling"]["random_cfg2"])
+    seed = official.pop("g_seed")
+    real, seen = sampling.multinomial_one, []
+
+    def spy(probs, generator=None, candidates=None):
+        seen.append(candidates is not None and 2 * candidates.shape[-1] <= probs.shape[-1])
+        return real(probs, generator, candidates)
+    monkeypatch.setattr(sampling, "multinomial_one", spy)
+    tokens, _ = model.autoregressive_infer_cfg(d["labels"], generator=torch.Generator().manual_seed(seed),
+                                               **from_var(**official))
+    assert torch.equal(tokens, d["sample.random_cfg2.tokens"])
+    assert len(seen) == len(meta["var_config"]["patch_nums"]) and all(seen)
 
 
 def test_smooth_codes_see_the_filtered_logits(vae):

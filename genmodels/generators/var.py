@@ -486,8 +486,8 @@ class VAR(Generator):
             if temperature != 1.0:
                 logits_BlV = logits_BlV / temperature
             # in place, as the official sample_with_top_k_top_p_: the smoothed codes below see the mask
-            sampling.filter_logits_(logits_BlV, top_k, top_p)
-            idx_Bl = sampling.sample_categorical(logits_BlV, generator)
+            _, cand = sampling.filter_logits_with_candidates_(logits_BlV, top_k, top_p)
+            idx_Bl = sampling.sample_categorical(logits_BlV, generator, candidates=cand)
             if known is not None:
                 bg, ed = self.begin_ends[si]
                 idx_Bl = torch.where(known[1][:, bg:ed], idx_Bl, known[0][:, bg:ed])
@@ -627,8 +627,8 @@ def fastvar_infer_cfg(var: VAR, labels: torch.Tensor, prune: Sequence[float], *,
             logits_BlV = sampling.guide(logits_BlV[:B], logits_BlV[B:], w, form="var")
         if temperature != 1.0:
             logits_BlV = logits_BlV / temperature
-        sampling.filter_logits_(logits_BlV, top_k, top_p)
-        idx_Bl = sampling.sample_categorical(logits_BlV, generator)
+        _, cand = sampling.filter_logits_with_candidates_(logits_BlV, top_k, top_p)
+        idx_Bl = sampling.sample_categorical(logits_BlV, generator, candidates=cand)
         tokens.append(idx_Bl)
         h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
         f_hat, next_map = quant.get_next_autoregressive_input(si, K, f_hat, h_BChw)
