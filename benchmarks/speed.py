@@ -83,6 +83,8 @@ LEVERS = {
                              "convolutions at 32-128 channels ~2x faster than on NCHW)",
     "diffloss_adaln_chunk_8mb": "DiffLoss sampling: the batched adaLN outputs in chunks of <= 8 MB (larger ones "
                                 "are fresh mmaps: page faults on every call; 64 MB chunks cost ~0.9 s at batch 64)",
+    "diffloss_adaln_weights_once": "DiffLoss sampling: the adaLN weights concatenated once per sample call (11.5 MB "
+                                   "at 3 x 512), not once per chunk of steps (~3.5 ms each; ~0.5 s of MAR batch 1)",
     "multinomial_at_candidates": "CPU draw (sampling.multinomial_one): torch.multinomial's exponential race with "
                                  "the same 64-bit random numbers (random_, the same stream) and the double log1p "
                                  "only at the top-k ids, not at all 4,096: the same ids and generator state",
