@@ -16,9 +16,10 @@ Models (random weights, one shared state dict per pair):
 
 The official code is imported from ``--official-var`` / ``--official-mar`` (checkouts of
 FoundationVision/VAR and LTH14/mar; MAR needs timm 0.9.x importable, torchvision is stubbed);
-a side whose code is missing is skipped and says so. Our sampler runs eagerly: no static KV
-cache / CUDA graphs here yet (``--compile`` wraps our blocks' forward in ``torch.compile``,
-untested on a GPU). Every section checks the time budget (``--budget-s``) and is skipped,
+a side whose code is missing is skipped and says so. Rows ``ours*_graphs``: VAR with its static
+KV caches and one CUDA graph per scale (``cuda_graphs=True``; recorded in the warm-up call,
+never run on a GPU before this script's first GPU run); MAR runs eagerly. ``--compile`` wraps our
+blocks' forward in ``torch.compile`` (untested on a GPU). Every section checks the time budget (``--budget-s``) and is skipped,
 with a note, when it would run past it.
 """
 from __future__ import annotations
@@ -193,8 +194,9 @@ def main() -> None:
     for B in batches:
         for dtype in ((bf16, torch.float32) if B == batches[-1] else (bf16,)):
             labels = torch.arange(B, device=dev) % 1000
-            for side in ("ours", "ours_bf16_weights", "official"):
-                if (side == "official" and off is None) or (side == "ours_bf16_weights" and dtype != bf16):
+            for side in ("ours", "ours_bf16_weights", "ours_bf16_weights_graphs", "ours_graphs", "official"):
+                if (side == "official" and off is None) or (side.startswith("ours_bf16") and dtype != bf16) \
+                        or (side == "ours_graphs" and dtype != torch.float32):
                     continue
                 if left(args) < 60:
                     res["notes"].append(f"VAR sampling B={B} {side} skipped: time budget")
@@ -202,6 +204,11 @@ def main() -> None:
 
                 @torch.no_grad()
                 def run():
+                    if side.endswith("graphs"):  # static KV caches, one CUDA graph per scale (no autocast)
+                        m, d = (fvar, fvae) if side.startswith("ours_bf16") else (var, vae)
+                        _, f_hat = m.autoregressive_infer_cfg(labels, generator=torch.Generator(dev).manual_seed(0),
+                                                              cuda_graphs=True, **from_var(**skw))
+                        return d.fhat_to_img(f_hat)
                     if side == "ours_bf16_weights":
                         _, f_hat = fvar.autoregressive_infer_cfg(labels, generator=torch.Generator(dev).manual_seed(0),
                                                                  **from_var(**skw))
@@ -213,7 +220,11 @@ def main() -> None:
                                                                 **from_var(**skw))
                         return vae.fhat_to_img(f_hat)
                 var.eval()
-                t = timed(run, dev, reps1 if B == 1 else reps64)
+                try:
+                    t = timed(run, dev, reps1 if B == 1 else reps64)
+                except Exception as e:  # a failing variant (e.g. graph capture) must not lose the other rows
+                    res["notes"].append(f"VAR sampling B={B} {side} {dtype} failed: {type(e).__name__}: {e}"[:500])
+                    continue
                 row(model="VAR-d16", what="sample+decode", side=side, batch=B, dtype=str(dtype).split(".")[-1],
                     images_per_s=B / t["median_s"], **t)
     # VAR training step, bf16

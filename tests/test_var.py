@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from genmodels.checkpoints import from_official
 from genmodels.generators.var import VAR
 from genmodels import sampling
+from genmodels.errors import GenmodelsError
 from genmodels.sampling import filter_logits, from_var, sample_categorical
 from genmodels.utils.config import instantiate
 from helpers import F32_DEEP_RTOL, F32_RTOL, assert_close_f32
@@ -152,6 +153,40 @@ def test_official_draws_at_the_top_k_candidates(vae, monkeypatch):
                                                **from_var(**official))
     assert torch.equal(tokens, d["sample.random_cfg2.tokens"])
     assert len(seen) == len(meta["var_config"]["patch_nums"]) and all(seen)
+
+
+def test_cuda_graph_buffers_give_the_same_tokens(vae):
+    """``cuda_graphs=True`` (on a CPU: the same static caches / AdaLN buffers, run eagerly)
+    samples the default path's tokens, call after call: buffers reused, caches rewound,
+    conditioning copied in; a new batch size or moved weights get a new state."""
+    from genmodels.generators import var as var_mod
+
+    model, d, _ = load_case("aln", vae)
+    kw = dict(cfg=2.5, top_k=8, top_p=0.9)
+    for seed, labels in ((0, d["labels"]), (1, d["labels"].flip(0)), (2, d["labels"])):
+        want = model.sample(labels, generator=torch.Generator().manual_seed(seed), **kw)
+        got = model.sample(labels, generator=torch.Generator().manual_seed(seed), cuda_graphs=True, **kw)
+        assert torch.equal(got, want)
+    (key, (graphs, caches, _)), = var_mod._STATIC_SAMPLING[model].items()
+    assert key[0] == 2 * len(d["labels"]) and graphs.captured == 0 and len(graphs._steps) == len(model.patch_nums)
+    ptr = caches[0]._buf[0].data_ptr()
+    model.sample(d["labels"], generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
+    assert var_mod._STATIC_SAMPLING[model][key][1][0]._buf[0].data_ptr() == ptr  # the same buffers
+    one = model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0, cuda_graphs=True)
+    assert torch.equal(one, model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0))
+    assert list(var_mod._STATIC_SAMPLING[model])[0][0] == 1  # one state at a time: batch 1, unguided
+    with pytest.raises(GenmodelsError, match="use_cache"):
+        model.sample(d["labels"], cuda_graphs=True, use_cache=False)
+
+
+def test_step_graphs_refuse_another_shape():
+    from genmodels.nn.graphs import StepGraphs
+
+    graphs = StepGraphs("cpu")
+    assert torch.equal(graphs(0, lambda x: x * 2, torch.ones(2, 3)), torch.full((2, 3), 2.0))
+    assert torch.equal(graphs(0, lambda x: x * 2, torch.arange(6.0).view(2, 3)), torch.arange(6.0).view(2, 3) * 2)
+    with pytest.raises(ValueError, match="recorded for"):
+        graphs(0, lambda x: x * 2, torch.ones(3, 3))
 
 
 def test_smooth_codes_see_the_filtered_logits(vae):

@@ -34,6 +34,7 @@ validation loss mixes in 10% unconditional predictions.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -46,6 +47,10 @@ from genmodels.generators.base import Generator
 from genmodels.nn.adaln import modulate_1p
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp, ScaleCausalMask
 from genmodels.tokenizers.base import TokenSpec
+
+#: model -> its static sampling state (``VAR._static_sampling_state``); outside the module so that
+#: copies (deepcopy, the bf16 tier's copy, pickling) never carry CUDA graphs
+_STATIC_SAMPLING: "weakref.WeakKeyDictionary[VAR, dict]" = weakref.WeakKeyDictionary()
 
 VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -408,8 +413,8 @@ class VAR(Generator):
     def autoregressive_infer_cfg(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",
                                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                                  generator: torch.Generator | None = None, more_smooth: bool = False,
-                                 use_cache: bool = True, known: tuple[torch.Tensor, torch.Tensor] | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                                 use_cache: bool = True, known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                 cuda_graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-scale sampling (official ``VAR.autoregressive_infer_cfg``).
 
         For each scale k = 0..K-1: run the transformer on scale k's input (keys/values of
@@ -435,8 +440,15 @@ class VAR(Generator):
         f_hat (B, Cvae, pn_K, pn_K)); with ``more_smooth`` (visualisation only) f_hat comes
         from Gumbel-softmax mixtures of codes, computed (as the official) from the logits
         that top-k / top-p already masked, not from the returned tokens.
+
+        ``cuda_graphs``: run each scale's blocks as a CUDA graph (``nn.graphs.StepGraphs``),
+        recorded at the first call for this batch size and replayed after: the KV caches and
+        AdaLN vectors live in buffers kept with the model (``_static_sampling_state``); the
+        same tokens. On a CPU the same static buffers run eagerly. Needs ``use_cache``.
         """
         sampling.check_knobs(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
+        if cuda_graphs and not use_cache:
+            raise GenmodelsError("VAR sampling: cuda_graphs=True replays the KV-cache steps; use_cache must be True")
         sampling.check_schedule(guidance_schedule)
         quant = self.quantizer
         labels = labels.long()
@@ -457,13 +469,21 @@ class VAR(Generator):
         # the AdaLN vectors depend on the class only: once per sample, not once per scale
         ada = [block.ada_params(cond_BD_or_gss.to(dt)) for block in self.blocks]
         head_ada = self.head_nm.ada_params(cond_BD)
+        if cuda_graphs:
+            graphs, caches, static_ada = self._static_sampling_state(n, dt, sos.device, ada)
+            for dst, src in zip(static_ada, ada):
+                for d, a in zip(dst, src):
+                    d.copy_(a)
+            ada = static_ada
         prefix: list[torch.Tensor] = []
         tokens = []
         cur_L = 0
         for si, pn in enumerate(self.patch_nums):
             ratio = si / (K - 1)
             cur_L += pn * pn
-            if use_cache:
+            if cuda_graphs:
+                x = graphs(si, self._cached_step(caches, ada, cur_L - pn * pn), next_token_map.to(dt))
+            elif use_cache:
                 x = next_token_map.to(dt)
                 for block, cache, a in zip(self.blocks, caches, ada):
                     x = block(x, None, None, cache=cache, ada=a)
@@ -507,23 +527,50 @@ class VAR(Generator):
                     next_token_map = next_token_map.repeat(2, 1, 1)
         return torch.cat(tokens, dim=1), f_hat
 
+    def _cached_step(self, caches: list[KVCache], ada: list[tuple[torch.Tensor, ...]], start: int):
+        """One scale's blocks on its tokens x (n, pn^2, C), the caches rewound to the scale's first
+        position ``start`` (so the step can run again: CUDA-graph warm-up and capture)."""
+        def step(x: torch.Tensor) -> torch.Tensor:
+            for block, cache, a in zip(self.blocks, caches, ada):
+                cache.rewind(start)
+                x = block(x, None, None, cache=cache, ada=a)
+            return x
+        return step
+
+    def _static_sampling_state(self, n: int, dtype: torch.dtype, device: torch.device,
+                               ada: list[tuple[torch.Tensor, ...]]):
+        """(StepGraphs, KV caches, AdaLN buffers) for batch rows n, kept across calls while the
+        weights stay where they are (a move, cast or reload records new graphs)."""
+        from genmodels.nn.graphs import StepGraphs
+
+        key = (n, dtype, str(device), tuple(p.data_ptr() for p in self.parameters()))
+        states = _STATIC_SAMPLING.setdefault(self, {})
+        if key not in states:
+            states.clear()  # one batch size at a time: graphs hold their memory pool
+            states[key] = (StepGraphs(device), [KVCache(capacity=self.L) for _ in self.blocks],
+                           [tuple(a.clone() for a in block_ada) for block_ada in ada])
+        return states[key]
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_steps: int | None = None,
                generator: torch.Generator | None = None, more_smooth: bool = False,
-               use_cache: bool = True, fastvar_prune: Sequence[float] | None = None) -> torch.Tensor:
+               use_cache: bool = True, fastvar_prune: Sequence[float] | None = None,
+               cuda_graphs: bool = False) -> torch.Tensor:
         """Sample token pyramids (B, L) int64 for class ``labels`` (B,); see
         ``autoregressive_infer_cfg``. ``num_steps`` must be None or K (VAR has one step per
         scale). The README's FID setting (official cfg 1.5, top_k 900, top_p 0.96) is
         ``cfg=2.5, guidance_schedule="linear", top_k=900, top_p=0.96`` (``sampling.from_var``).
-        ``fastvar_prune`` (APPROXIMATE tier, off by default): ``fastvar_infer_cfg``."""
+        ``fastvar_prune`` (APPROXIMATE tier, off by default): ``fastvar_infer_cfg``.
+        ``cuda_graphs``: replay each scale's blocks as a CUDA graph (exact tier, GPU)."""
         self._check_steps(num_steps)
         if fastvar_prune:
             return fastvar_infer_cfg(self, labels, fastvar_prune, cfg=cfg, guidance_schedule=guidance_schedule,
                                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]
         return self.autoregressive_infer_cfg(labels, cfg=cfg, guidance_schedule=guidance_schedule,
                                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                                             more_smooth=more_smooth, use_cache=use_cache)[0]
+                                             more_smooth=more_smooth, use_cache=use_cache,
+                                             cuda_graphs=cuda_graphs)[0]
 
     @torch.no_grad()
     def sample_images(self, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -108,6 +108,15 @@ class KVCache:
         self.k, self.v = kb[:, :, :end], vb[:, :, :end]
         return self.k, self.v
 
+    def rewind(self, n: int) -> None:
+        """Keep only the first n positions (a buffered cache: the next append writes at n)."""
+        if self._buf is None or n == 0:
+            self.k = self.v = None
+            return
+        if self.capacity is None or n > len(self):
+            raise ValueError(f"KVCache.rewind({n}): needs a buffered cache holding >= {n} positions")
+        self.k, self.v = self._buf[0][:, :, :n], self._buf[1][:, :, :n]
+
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
