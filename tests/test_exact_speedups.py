@@ -378,3 +378,25 @@ def test_generator_training_uses_fused_adamw_and_still_clips(tmp_path, precision
                                 enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Norms()])
     trainer.fit(module, data)
     assert len(norms) == 2 and all(abs(n - 1e-3) < 1e-5 for n in norms)
+
+
+def test_l2_normalize_backward_is_autograd_of_f_normalize():
+    """The hand-written backward of ``l2_normalize`` (VAR's q / k in training) equals autograd
+    through ``F.normalize(x) * s`` (float64 gradcheck, and a zero row: the eps clamp); the
+    forward is the same floats."""
+    from genmodels.nn.attention import l2_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.randn(1, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: l2_normalize(a, b), (x, s))
+    x = x.detach().clone()
+    x[0, 1, 2] = 0.0  # a zero row: F.normalize's clamp at eps (finite differences cannot check it)
+    x.requires_grad_(True)
+    go = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    want = torch.autograd.grad((torch.nn.functional.normalize(x, dim=-1) * s).mul(go).sum(), (x, s))
+    got = torch.autograd.grad(l2_normalize(x, s).mul(go).sum(), (x, s))
+    for a, b in zip(got, want):
+        assert_close_f32(a.float(), b.float(), rtol=1e-6)
+    xf = x.detach().float().requires_grad_(True)
+    assert torch.equal(l2_normalize(xf, s.detach().float()), torch.nn.functional.normalize(xf, dim=-1) * s.detach().float())
