@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from genmodels.errors import GenmodelsError
 from genmodels.generators.mar import MAR, truncnorm_mask_ratio
 from helpers import F32_DEEP_RTOL, assert_close_f32, mar_fixture_weights
 
@@ -246,3 +247,22 @@ def test_diffloss_noise_schedule_knob():
     assert amps["cosine"] > 300 and amps["linear"] < 2
     with pytest.raises(ValueError, match="noise_schedule"):
         MAR(**{**TINY, "diffloss_noise_schedule": "sigmoid"})
+
+
+def test_cuda_graph_buffers_give_the_same_tokens(model):
+    """``cuda_graphs=True`` (on a CPU: the DiffLoss steps on static buffers, run eagerly) samples
+    the default path's tokens call after call, one recorded step per row count, kept for the
+    model; the approximate knobs are refused with it."""
+    from genmodels.nn import graphs as graphs_mod
+
+    labels = torch.tensor([1, 3])
+    for seed, cfg in ((0, 3.0), (1, 3.0), (2, 1.0)):
+        want = model.sample(labels, num_steps=4, cfg=cfg, generator=torch.Generator().manual_seed(seed))
+        got = model.sample(labels, num_steps=4, cfg=cfg, generator=torch.Generator().manual_seed(seed),
+                           cuda_graphs=True)
+        assert torch.equal(got, want)
+    (graphs,) = graphs_mod._STATES[model].values()
+    rows = sorted(k[1] for k in graphs._steps)
+    assert graphs.captured == 0 and len(rows) >= 4 and all(r % 2 == 0 for r in rows[-3:])
+    with pytest.raises(GenmodelsError, match="approximate"):
+        model.sample(labels, num_steps=4, cfg=3.0, cuda_graphs=True, cfg_cache_interval=2)

@@ -159,7 +159,7 @@ def test_cuda_graph_buffers_give_the_same_tokens(vae):
     """``cuda_graphs=True`` (on a CPU: the same static caches / AdaLN buffers, run eagerly)
     samples the default path's tokens, call after call: buffers reused, caches rewound,
     conditioning copied in; a new batch size or moved weights get a new state."""
-    from genmodels.generators import var as var_mod
+    from genmodels.nn import graphs as graphs_mod
 
     model, d, _ = load_case("aln", vae)
     kw = dict(cfg=2.5, top_k=8, top_p=0.9)
@@ -167,14 +167,14 @@ def test_cuda_graph_buffers_give_the_same_tokens(vae):
         want = model.sample(labels, generator=torch.Generator().manual_seed(seed), **kw)
         got = model.sample(labels, generator=torch.Generator().manual_seed(seed), cuda_graphs=True, **kw)
         assert torch.equal(got, want)
-    (key, (graphs, caches, _)), = var_mod._STATIC_SAMPLING[model].items()
+    (key, (graphs, caches, _)), = graphs_mod._STATES[model].items()
     assert key[0] == 2 * len(d["labels"]) and graphs.captured == 0 and len(graphs._steps) == len(model.patch_nums)
     ptr = caches[0]._buf[0].data_ptr()
     model.sample(d["labels"], generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
-    assert var_mod._STATIC_SAMPLING[model][key][1][0]._buf[0].data_ptr() == ptr  # the same buffers
+    assert graphs_mod._STATES[model][key][1][0]._buf[0].data_ptr() == ptr  # the same buffers
     one = model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0, cuda_graphs=True)
     assert torch.equal(one, model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0))
-    assert list(var_mod._STATIC_SAMPLING[model])[0][0] == 1  # one state at a time: batch 1, unguided
+    assert list(graphs_mod._STATES[model])[0][0] == 1  # one state at a time: batch 1, unguided
     with pytest.raises(GenmodelsError, match="use_cache"):
         model.sample(d["labels"], cuda_graphs=True, use_cache=False)
 

@@ -50,6 +50,7 @@ from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator, raster_suffix_start
 from genmodels.losses.diffusion import DiffLoss
 from genmodels.nn.attention import Block, KVCache
+from genmodels.nn.graphs import StepGraphs, static_state
 from genmodels.nn.vit import xavier_init_
 from genmodels.tokenizers.base import TokenSpec
 
@@ -403,14 +404,16 @@ class MAR(Generator):
 
     # ------------------------------------------------------------------ sampling
     def sample_head(self, z: torch.Tensor, temperature: float, cfg: float, generator: torch.Generator | None,
-                    num_sampling_steps: str | int | None = None, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+                    num_sampling_steps: str | int | None = None, top_k: int = 0, top_p: float = 1.0,
+                    graphs: StepGraphs | None = None) -> torch.Tensor:
         """Draw tokens for conditions z: (N, D), or (2N, D) = [cond | uncond] when ``cfg != 1``.
 
         DiffLoss: ``DiffLoss.sample`` (guidance on eps, ``temperature`` scales the noise).
         CE head: logits guided as ``sampling.guide``, then ``sampling.sample_categorical``
         (temperature divides the logits, top-k / top-p filter; ``temperature=0`` is argmax)."""
         if not self.discrete:
-            return self.diffloss.sample(z, temperature, cfg, generator=generator, num_sampling_steps=num_sampling_steps)
+            return self.diffloss.sample(z, temperature, cfg, generator=generator, num_sampling_steps=num_sampling_steps,
+                                        graphs=graphs)
         logits = self.head(z).float()
         if cfg != 1.0:
             cond, uncond = logits.chunk(2)
@@ -431,7 +434,8 @@ class MAR(Generator):
                guidance_schedule: str | None = None, num_sampling_steps: str | int | None = None,
                orders: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0,
                cfg_schedule: str | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
-               cfg_cache_interval: int = 1, diffusion_steps_end: int | None = None) -> torch.Tensor:
+               cfg_cache_interval: int = 1, diffusion_steps_end: int | None = None,
+               cuda_graphs: bool = False) -> torch.Tensor:
         """Generate tokens (B, L, C) (or (B, L) ids) for ``labels`` (B,) (``num_classes`` = unconditional).
 
         ``num_steps``: autoregressive steps (``num_iter``, default ``self.num_iter``; the causal
@@ -447,6 +451,9 @@ class MAR(Generator):
         schedule and the guidance progress run over M instead of L.
         ``cfg_cache_interval`` > 1 / ``diffusion_steps_end``: APPROXIMATE tier, off by default
         (``lazy_sample``; not with ``known``).
+        ``cuda_graphs``: the DiffLoss network evaluations replay as CUDA graphs, one per row count
+        (``DiffLoss.sample(graphs=)``), kept for the model across calls; the same tokens. On a CPU
+        the same static buffers run eagerly. Not with the approximate knobs.
         """
         if cfg_schedule is not None and guidance_schedule is not None and cfg_schedule != guidance_schedule:
             raise GenmodelsError(f"MAR.sample: guidance_schedule={guidance_schedule!r} and its alias "
@@ -471,8 +478,15 @@ class MAR(Generator):
         else:
             tokens = torch.zeros(B, L, self.token_embed_dim, device=device, dtype=self.fake_latent.dtype)
 
+        graphs = None
+        if cuda_graphs and not self.discrete:
+            if cfg_cache_interval != 1 or diffusion_steps_end is not None:
+                raise GenmodelsError("MAR.sample: cuda_graphs replays the exact DiffLoss steps; leave the approximate "
+                                     "knobs cfg_cache_interval / diffusion_steps_end at 1 / None")
+            graphs = static_state(self, (str(device),), lambda: StepGraphs(device))
+
         def draw(z: torch.Tensor, cfg_now: float) -> torch.Tensor:
-            return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps, top_k, top_p)
+            return self.sample_head(z, temperature, cfg_now, generator, num_sampling_steps, top_k, top_p, graphs)
 
         if self.attention == "causal":
             start = 0 if known is None else int(raster_suffix_start(known[1], "MAR(attention='causal')")[0])

@@ -34,7 +34,6 @@ validation loss mixes in 10% unconditional predictions.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Sequence
 
 import torch
@@ -46,11 +45,8 @@ from genmodels.errors import GenmodelsError
 from genmodels.generators.base import Generator
 from genmodels.nn.adaln import modulate_1p
 from genmodels.nn.attention import Attention, DropPath, KVCache, Mlp, ScaleCausalMask
+from genmodels.nn.graphs import StepGraphs, static_state
 from genmodels.tokenizers.base import TokenSpec
-
-#: model -> its static sampling state (``VAR._static_sampling_state``); outside the module so that
-#: copies (deepcopy, the bf16 tier's copy, pickling) never carry CUDA graphs
-_STATIC_SAMPLING: "weakref.WeakKeyDictionary[VAR, dict]" = weakref.WeakKeyDictionary()
 
 VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -445,7 +441,7 @@ class VAR(Generator):
 
         ``cuda_graphs``: run each scale's blocks as a CUDA graph (``nn.graphs.StepGraphs``),
         recorded at the first call for this batch size and replayed after: the KV caches and
-        AdaLN vectors live in buffers kept with the model (``_static_sampling_state``); the
+        AdaLN vectors live in buffers kept for the model (``nn.graphs.static_state``); the
         same tokens. On a CPU the same static buffers run eagerly. Needs ``use_cache``.
         """
         sampling.check_knobs(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg)
@@ -541,17 +537,10 @@ class VAR(Generator):
 
     def _static_sampling_state(self, n: int, dtype: torch.dtype, device: torch.device,
                                ada: list[tuple[torch.Tensor, ...]]):
-        """(StepGraphs, KV caches, AdaLN buffers) for batch rows n, kept across calls while the
-        weights stay where they are (a move, cast or reload records new graphs)."""
-        from genmodels.nn.graphs import StepGraphs
-
-        key = (n, dtype, str(device), tuple(p.data_ptr() for p in self.parameters()))
-        states = _STATIC_SAMPLING.setdefault(self, {})
-        if key not in states:
-            states.clear()  # one batch size at a time: graphs hold their memory pool
-            states[key] = (StepGraphs(device), [KVCache(capacity=self.L) for _ in self.blocks],
-                           [tuple(a.clone() for a in block_ada) for block_ada in ada])
-        return states[key]
+        """(StepGraphs, KV caches, AdaLN buffers) for batch rows n (``nn.graphs.static_state``)."""
+        return static_state(self, (n, dtype, str(device)), lambda: (
+            StepGraphs(device), [KVCache(capacity=self.L) for _ in self.blocks],
+            [tuple(a.clone() for a in block_ada) for block_ada in ada]))
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, guidance_schedule: str = "linear",

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genmodels.nn.adaln import modulate
+from genmodels.nn.graphs import StepGraphs
 from genmodels.sampling import guide
 
 # ---------------------------------------------------------------------------- schedule
@@ -450,7 +451,8 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0, cfg: float | torch.Tensor = 1.0, *,
                generator: torch.Generator | None = None, num_sampling_steps: str | int | None = None,
-               noise: torch.Tensor | None = None, step_noises: list[torch.Tensor] | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, step_noises: list[torch.Tensor] | None = None,
+               graphs: StepGraphs | None = None) -> torch.Tensor:
         """Sample one token per condition by ancestral DDPM sampling (official ``p_sample_loop``
         with ``clip_denoised=False``): ``x_{t-1} = mean + exp(logvar/2) * noise * temperature``.
 
@@ -466,7 +468,8 @@ class DiffLoss(nn.Module):
         ``noise`` (N, C) / ``step_noises`` (one (N, C) per step) replace the random draws
         (parity tests); otherwise everything is drawn from ``generator``. Cost per step: one
         network evaluation of all rows; the condition embedding is computed once, the time
-        embedding once per step.
+        embedding once per step. ``graphs``: replay the network evaluation as one CUDA graph
+        per row count (``nn.graphs.StepGraphs``; the update of x stays eager).
         """
         guided = not (isinstance(cfg, (int, float)) and cfg == 1.0)
         n = z.shape[0] // 2 if guided else z.shape[0]
@@ -491,7 +494,12 @@ class DiffLoss(nn.Module):
         for k, i in enumerate(steps):
             if k % chunk == 0:
                 mods = net.modulations(c_emb + t_emb[k:k + chunk, None], mod_weights)  # (s, rows, ...)
-            out = net.forward_modulated((torch.cat([x, x]) if guided else x).to(dt), mods[k % chunk]).to(x.dtype)
+            x_in = (torch.cat([x, x]) if guided else x).to(dt)
+            if graphs is None:
+                out = net.forward_modulated(x_in, mods[k % chunk])
+            else:
+                out = graphs(("diffloss", x_in.shape[0], dt), net.forward_modulated, x_in, mods[k % chunk])
+            out = out.to(x.dtype)
             if guided:
                 eps_c, eps_u = out[:n, :C], out[n:, :C]
                 eps = guide(eps_c, eps_u, cfg)  # eps_u + cfg (eps_c - eps_u)
