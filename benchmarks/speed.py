@@ -85,6 +85,10 @@ LEVERS = {
                                 "are fresh mmaps: page faults on every call; 64 MB chunks cost ~0.9 s at batch 64)",
     "diffloss_adaln_weights_once": "DiffLoss sampling: the adaLN weights concatenated once per sample call (11.5 MB "
                                    "at 3 x 512), not once per chunk of steps (~3.5 ms each; ~0.5 s of MAR batch 1)",
+    "l2_normalize_backward": "VAR training: q / k l2-normalisation with a hand-written backward (nn.attention."
+                             "l2_normalize; the forward is F.normalize's ops): ~1 % of the step",
+    "accuracy_by_amax": "VAR training metrics: token accuracy as target logit >= row max (amax + gather), not "
+                        "argmax (~10x its cost on the CPU)",
     "multinomial_at_candidates": "CPU draw (sampling.multinomial_one): torch.multinomial's exponential race with "
                                  "the same 64-bit random numbers (random_, the same stream) and the double log1p "
                                  "only at the top-k ids, not at all 4,096: the same ids and generator state",
