@@ -175,6 +175,13 @@ def test_cuda_graph_buffers_give_the_same_tokens(vae):
     one = model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0, cuda_graphs=True)
     assert torch.equal(one, model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0))
     assert list(graphs_mod._STATES[model])[0][0] == 1  # one state at a time: batch 1, unguided
+    state = next(iter(graphs_mod._STATES[model].values()))
+    model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0, cuda_graphs=True)
+    assert next(iter(graphs_mod._STATES[model].values())) is state  # same weights: kept
+    w = model.blocks[0].attn.proj.weight
+    w.data = w.data.clone()  # the weights moved (a reload / cast elsewhere): graphs would read the old address
+    again = model.sample(d["labels"][:1], generator=torch.Generator().manual_seed(0), cfg=1.0, cuda_graphs=True)
+    assert next(iter(graphs_mod._STATES[model].values())) is not state and torch.equal(again, one)
     with pytest.raises(GenmodelsError, match="use_cache"):
         model.sample(d["labels"], cuda_graphs=True, use_cache=False)
 
