@@ -89,6 +89,12 @@ LEVERS = {
                              "l2_normalize; the forward is F.normalize's ops): ~1 % of the step",
     "accuracy_by_amax": "VAR training metrics: token accuracy as target logit >= row max (amax + gather), not "
                         "argmax (~10x its cost on the CPU)",
+    "var_attention_grad_buffers": "VAR training: the block-causal attention's query blocks as a split of q and "
+                                  "its key / value prefixes as views with one gradient buffer (nn.attention."
+                                  "prefixes), not slices whose backward zero-fills a full-size gradient each and "
+                                  "adds them; its outputs written as (B, L, H, d) in the cat (no transpose copy); "
+                                  "the l2 backward's eps case masked on row sums, not by a where over the gradient "
+                                  "(paired A/B, 15 pairs: 1.063 -> 1.10 of the official step)",
     "multinomial_at_candidates": "CPU draw (sampling.multinomial_one): torch.multinomial's exponential race with "
                                  "the same 64-bit random numbers (random_, the same stream) and the double log1p "
                                  "only at the top-k ids, not at all 4,096: the same ids and generator state",

@@ -400,3 +400,22 @@ def test_l2_normalize_backward_is_autograd_of_f_normalize():
         assert_close_f32(a.float(), b.float(), rtol=1e-6)
     xf = x.detach().float().requires_grad_(True)
     assert torch.equal(l2_normalize(xf, s.detach().float()), torch.nn.functional.normalize(xf, dim=-1) * s.detach().float())
+
+
+@pytest.mark.parametrize("lens,used", [((3, 7, 10), (0, 1, 2)), ((10, 3), (1,)), ((4, 10, 10), (0, 2)), ((10,), (0,))])
+def test_prefix_views_have_the_gradients_of_slices(lens, used):
+    """``prefixes`` (one gradient buffer for x[:, :, :n] over several n) == plain slices:
+    the same gradient of x, also when some views get no gradient, and the same views."""
+    from genmodels.nn.attention import prefixes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 4, generator=g)
+    w = [torch.randn(2, 3, n, 4, generator=g) for n in lens]
+    grads = []
+    for fn in (prefixes, lambda t, ns: tuple(t[:, :, :n] for n in ns)):
+        xx = x.clone().requires_grad_()
+        views = fn(xx, lens)
+        assert [tuple(v.shape) for v in views] == [(2, 3, n, 4) for n in lens]
+        sum((views[i] * w[i]).sum() for i in used).backward()
+        grads.append(xx.grad)
+    assert_close_f32(grads[0], grads[1], what="d x")

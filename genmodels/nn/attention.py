@@ -59,8 +59,10 @@ class _L2NormScaled(torch.autograd.Function):
         gs = g * s
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.addcmul(gs, y, (gs * y).sum(-1, keepdim=True), value=-1.0)
-            dx = torch.where(n > ctx.eps, dx, gs).div_(n)
+            # where the norm was clamped to eps, dx = g s / eps: the projection term is masked
+            # on the (..., 1) row sums, not by a where over all of dx
+            c = (gs * y).sum(-1, keepdim=True).mul_(n > ctx.eps)
+            dx = torch.addcmul(gs, y, c, value=-1.0).div_(n)
         ds = None
         if ctx.needs_input_grad[1]:
             gy = g * y
@@ -100,15 +102,54 @@ class ScaleCausalMask:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                scale: float | None = None) -> torch.Tensor:
-        """q, k, v (B, H, L, d) -> (B, H, L, d)."""
+        """q, k, v (B, H, L, d) -> (B, H, L, d), stored as a transposed contiguous (B, L, H, d)
+        (so the caller's ``transpose(1, 2).reshape(B, L, H * d)`` is a view, not a copy).
+
+        The query blocks are a ``split`` of q (backward: one ``cat``) and the key / value
+        prefixes come from :func:`prefixes` (backward: partial in-place adds), not slices,
+        whose backward would zero-fill a full-size gradient per slice and add them up."""
         head = self.head_mask.shape[0]
-        outs = [scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head],
-                                             attn_mask=self.head_mask.to(q.device), dropout_p=dropout_p, scale=scale)]
-        starts = (head,) + self.ends[len(self.ends) - self.tail:-1]
-        for a, b in zip(starts, self.ends[len(self.ends) - self.tail:]):
-            outs.append(scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], dropout_p=dropout_p,
-                                                     scale=scale))
-        return torch.cat(outs, dim=2)
+        ends = self.ends[len(self.ends) - self.tail:]
+        lens = (head,) + ends
+        qs = q.split([head] + [b - a for a, b in zip(lens, ends)], dim=2)
+        ks, vs = prefixes(k, lens), prefixes(v, lens)
+        outs = [scaled_dot_product_attention(qs[0], ks[0], vs[0], attn_mask=self.head_mask.to(q.device),
+                                             dropout_p=dropout_p, scale=scale)]
+        for qi, ki, vi in zip(qs[1:], ks[1:], vs[1:]):
+            outs.append(scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale))
+        return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+
+
+class _Prefixes(torch.autograd.Function):
+    """Views x[:, :, :n] for each n in ``lens`` (the longest = x's length); backward adds the
+    shorter gradients into a copy of the longest one, in place on its first rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lens: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        ctx.lens = lens
+        return tuple(x[:, :, :n] for n in lens)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        lens = ctx.lens
+        longest = max(range(len(lens)), key=lens.__getitem__)
+        g = grads[longest]
+        dx = g.clone() if g is not None else None
+        for i, (n, g) in enumerate(zip(lens, grads)):
+            if g is not None and i != longest:
+                if dx is None:
+                    dx = g.new_zeros(g.shape[:2] + (lens[longest],) + g.shape[3:])
+                dx[:, :, :n] += g
+        return dx, None
+
+
+def prefixes(x: torch.Tensor, lens: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """x (B, H, T, d) -> the views x[:, :, :n] for n in ``lens``; with autograd, one gradient
+    buffer for all of them (see ``_Prefixes``). Without a length equal to T, plain slices."""
+    if max(lens) == x.shape[2] and torch.is_grad_enabled() and x.requires_grad \
+            and not torch.compiler.is_compiling():
+        return _Prefixes.apply(x, tuple(lens))
+    return tuple(x[:, :, :n] for n in lens)
 
 
 class KVCache:
