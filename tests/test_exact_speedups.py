@@ -419,3 +419,48 @@ def test_prefix_views_have_the_gradients_of_slices(lens, used):
         sum((views[i] * w[i]).sum() for i in used).backward()
         grads.append(xx.grad)
     assert_close_f32(grads[0], grads[1], what="d x")
+
+
+@pytest.mark.parametrize("shape,bias", [((32, 512), True), ((2, 9, 48), True), ((8, 64), False)])
+def test_linear_on_transposed_weights_is_f_linear(shape, bias):
+    """``nn.linear.linear_t`` on ``transposed`` copies == F.linear (bitwise with MKL here; the
+    float32 tolerance on other CPUs), for 2-D and 3-D inputs, with and without a bias."""
+    import torch.nn.functional as F
+    from genmodels.nn.linear import linear_t, transposed
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(shape[-1], 40, bias=bias)
+    x = torch.randn(*shape, generator=g)
+    (w_t, b), = transposed([lin])
+    assert w_t.is_contiguous() and w_t.shape == (shape[-1], 40)
+    with torch.no_grad():
+        assert_close_f32(linear_t(x, w_t, b), F.linear(x, lin.weight, lin.bias), what="linear_t")
+
+
+def test_transposed_linears_path_only_where_it_pays_and_gives_the_same_diffloss_samples(monkeypatch):
+    """DiffLoss sampling takes the transposed-weight path at 8-128 float32 CPU rows without
+    autograd, and samples the same tokens as the module path (cfg 3 and none)."""
+    from genmodels.losses import diffusion as D
+    from genmodels.nn.linear import pays_off
+
+    w = torch.zeros(4, 4)
+    with torch.no_grad():
+        assert pays_off(8, w) and pays_off(128, w)
+        assert not pays_off(4, w) and not pays_off(200, w) and not pays_off(32, w.bfloat16())
+    assert not pays_off(32, w)  # autograd on
+    torch.manual_seed(0)
+    dl = D.DiffLoss(4, 16, depth=2, width=32, num_sampling_steps="10").eval()
+    for p in dl.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(12, 16)
+    taken = []
+    real = D.linear_t
+    monkeypatch.setattr(D, "linear_t", lambda *a: taken.append(1) or real(*a))
+    for cfg in (3.0, 1.0):
+        outs = []
+        for path in (True, False):
+            monkeypatch.setattr(D, "pays_off", lambda rows, weight: path)
+            taken.clear()
+            outs.append(dl.sample(z, 1.0, cfg, generator=torch.Generator().manual_seed(1)))
+            assert bool(taken) == path
+        assert_close_f32(outs[0], outs[1], what=f"DiffLoss samples, cfg {cfg}")

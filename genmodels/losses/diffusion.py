@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from genmodels.nn.adaln import modulate
 from genmodels.nn.graphs import StepGraphs
+from genmodels.nn.linear import linear_t, pays_off, transposed
 from genmodels.sampling import guide
 
 # ---------------------------------------------------------------------------- schedule
@@ -277,9 +278,13 @@ class ResBlock(nn.Module):
         return self.forward_modulated(x, *self.adaLN_modulation(y).chunk(3, dim=-1))
 
     def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                          gate: torch.Tensor) -> torch.Tensor:
-        """The block given its adaLN outputs (each (N, C)): they depend on y only, not on x."""
-        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+                          gate: torch.Tensor, linears: list | None = None) -> torch.Tensor:
+        """The block given its adaLN outputs (each (N, C)): they depend on y only, not on x.
+        ``linears``: the MLP's two layers as ``nn.linear.transposed`` operands (the same floats)."""
+        h = modulate(self.in_ln(x), shift, scale)
+        if linears is None:
+            return x + gate * self.mlp(h)
+        return x + gate * linear_t(self.mlp[1](linear_t(h, *linears[0])), *linears[1])
 
 
 class FinalLayer(nn.Module):
@@ -294,8 +299,10 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_modulated(x, *self.adaLN_modulation(y).chunk(2, dim=-1))
 
-    def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+    def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                          linear: tuple | None = None) -> torch.Tensor:
+        h = modulate(self.norm_final(x), shift, scale)
+        return self.linear(h) if linear is None else linear_t(h, *linear)
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -373,13 +380,25 @@ class SimpleMLPAdaLN(nn.Module):
         parts = mods.split(W, dim=-1)
         return [parts[3 * i:3 * i + 3] for i in range(len(self.res_blocks))], parts[-2:]
 
-    def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        """The trunk given ``modulations(y)`` (N or 1, ...) instead of y (inference)."""
+    def linears(self) -> list[nn.Linear]:
+        """The layers a sampling step runs on x_t, in order: input_proj, each block's two MLP
+        layers, the final linear (``nn.linear.transposed(net.linears())`` for ``forward_modulated``)."""
+        return ([self.input_proj] + [m for b in self.res_blocks for m in (b.mlp[0], b.mlp[2])]
+                + [self.final_layer.linear])
+
+    def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor, linears: list | None = None) -> torch.Tensor:
+        """The trunk given ``modulations(y)`` (N or 1, ...) instead of y (inference).
+        ``linears``: ``nn.linear.transposed(self.linears())``, the same floats, faster at few rows."""
         blocks, final = self.split_modulations(mods)
-        h = self.input_proj(x)
-        for block, m in zip(self.res_blocks, blocks):
-            h = block.forward_modulated(h, *m)
-        return self.final_layer.forward_modulated(h, *final)
+        if linears is None:
+            h = self.input_proj(x)
+            for block, m in zip(self.res_blocks, blocks):
+                h = block.forward_modulated(h, *m)
+            return self.final_layer.forward_modulated(h, *final)
+        h = linear_t(x, *linears[0])
+        for i, (block, m) in enumerate(zip(self.res_blocks, blocks)):
+            h = block.forward_modulated(h, *m, linears=linears[1 + 2 * i:3 + 2 * i])
+        return self.final_layer.forward_modulated(h, *final, linear=linears[-1])
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -491,12 +510,15 @@ class DiffLoss(nn.Module):
         per_step = c_emb.shape[0] * net.final_layer.linear.in_features * (3 * len(net.res_blocks) + 2)
         chunk = max(1, self.MOD_CHUNK // max(per_step, 1))
         mods, mod_weights = None, net.modulation_weights()  # concatenated once per call (11.5 MB at 3 x 512)
+        rows = c_emb.shape[0]
+        # few rows (batch 1's 2-100) on the CPU: the step's linears on transposed copies, the same floats
+        lin_t = transposed(net.linears()) if graphs is None and pays_off(rows, net.input_proj.weight) else None
         for k, i in enumerate(steps):
             if k % chunk == 0:
                 mods = net.modulations(c_emb + t_emb[k:k + chunk, None], mod_weights)  # (s, rows, ...)
             x_in = (torch.cat([x, x]) if guided else x).to(dt)
             if graphs is None:
-                out = net.forward_modulated(x_in, mods[k % chunk])
+                out = net.forward_modulated(x_in, mods[k % chunk], lin_t)
             else:
                 out = graphs(("diffloss", x_in.shape[0], dt), net.forward_modulated, x_in, mods[k % chunk])
             out = out.to(x.dtype)
