@@ -90,9 +90,11 @@ LEVERS = {
     "accuracy_by_amax": "VAR training metrics: token accuracy as target logit >= row max (amax + gather), not "
                         "argmax (~10x its cost on the CPU)",
     "diffloss_transposed_linears": "DiffLoss sampling at 8-128 rows on the CPU: the step's linears as addmm on "
-                                   "(in, out)-contiguous weight copies made once per call (nn.linear): the same "
-                                   "floats, MKL 1.2-2x faster there than on F.linear's transposed weight (DiffLoss "
-                                   "part of MAR batch 1 with guidance: 3.29 -> 3.01 s)",
+                                   "(in, out)-contiguous weight copies made once per call (nn.linear): MKL 1.2-2x "
+                                   "faster there than on F.linear's transposed weight (benchmarks/results/"
+                                   "linear_layout.md), F.linear's floats up to float32 rounding (bitwise at the "
+                                   "512-wide MLP's 16-128 rows); DiffLoss part of MAR batch 1 with guidance: "
+                                   "3.29 -> 3.01 s",
     "var_attention_grad_buffers": "VAR training: the block-causal attention's query blocks as a split of q and "
                                   "its key / value prefixes as views with one gradient buffer (nn.attention."
                                   "prefixes), not slices whose backward zero-fills a full-size gradient each and "

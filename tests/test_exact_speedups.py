@@ -423,8 +423,9 @@ def test_prefix_views_have_the_gradients_of_slices(lens, used):
 
 @pytest.mark.parametrize("shape,bias", [((32, 512), True), ((2, 9, 48), True), ((8, 64), False)])
 def test_linear_on_transposed_weights_is_f_linear(shape, bias):
-    """``nn.linear.linear_t`` on ``transposed`` copies == F.linear (bitwise with MKL here; the
-    float32 tolerance on other CPUs), for 2-D and 3-D inputs, with and without a bias."""
+    """``nn.linear.linear_t`` on ``transposed`` copies == F.linear within the float32 tolerance
+    (MKL may sum in another order for the other layout), for 2-D and 3-D inputs, with and
+    without a bias."""
     import torch.nn.functional as F
     from genmodels.nn.linear import linear_t, transposed
 

@@ -280,7 +280,7 @@ class ResBlock(nn.Module):
     def forward_modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                           gate: torch.Tensor, linears: list | None = None) -> torch.Tensor:
         """The block given its adaLN outputs (each (N, C)): they depend on y only, not on x.
-        ``linears``: the MLP's two layers as ``nn.linear.transposed`` operands (the same floats)."""
+        ``linears``: the MLP's two layers as ``nn.linear.transposed`` operands (faster at few rows)."""
         h = modulate(self.in_ln(x), shift, scale)
         if linears is None:
             return x + gate * self.mlp(h)
@@ -388,7 +388,7 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor, linears: list | None = None) -> torch.Tensor:
         """The trunk given ``modulations(y)`` (N or 1, ...) instead of y (inference).
-        ``linears``: ``nn.linear.transposed(self.linears())``, the same floats, faster at few rows."""
+        ``linears``: ``nn.linear.transposed(self.linears())``: faster at few rows (float32 rounding apart)."""
         blocks, final = self.split_modulations(mods)
         if linears is None:
             h = self.input_proj(x)
@@ -511,7 +511,7 @@ class DiffLoss(nn.Module):
         chunk = max(1, self.MOD_CHUNK // max(per_step, 1))
         mods, mod_weights = None, net.modulation_weights()  # concatenated once per call (11.5 MB at 3 x 512)
         rows = c_emb.shape[0]
-        # few rows (batch 1's 2-100) on the CPU: the step's linears on transposed copies, the same floats
+        # few rows (batch 1's 2-100) on the CPU: the step's linears on transposed copies (nn.linear)
         lin_t = transposed(net.linears()) if graphs is None and pays_off(rows, net.input_proj.weight) else None
         for k, i in enumerate(steps):
             if k % chunk == 0:

@@ -1,12 +1,13 @@
 """Linear layers on pre-transposed weights, for the CPU samplers' few-row matmuls.
 
 ``F.linear(x, w, b)`` hands MKL the weight as ``w.T``, a transposed (out, in) operand. With
-the weight copied once to an (in, out)-contiguous matrix, the same ``addmm`` gives the same
-floats (bitwise with this machine's MKL; the tests hold it to the float32 tolerance) and is
-1.2-2x faster at 8-128 rows on one or two threads (MKL's packing of a transposed operand
-dominates at few rows; ``benchmarks/results/speed.md``), ~0.8x at 2 rows and no faster from a
-few hundred rows on. So a sampler transposes its weights once per call and takes this path
-only in that row range.
+the weight copied once to an (in, out)-contiguous matrix, the same ``addmm`` is 1.2-2x faster
+at 8-128 rows on one or two threads (MKL's packing of a transposed operand dominates at few
+rows), ~0.8x at 2 rows and no faster from a few hundred rows on
+(``benchmarks/results/linear_layout.md``). The result is F.linear's up to float32 rounding:
+bitwise equal here for 512 inputs at 16-128 rows (the DiffLoss MLP), the last bits of another
+summation order at 8 rows or 1,024+ inputs. So a sampler transposes its weights once per call
+and takes this path only in that row range.
 Written here (not a library call): no library exposes MKL's layout choice.
 """
 from __future__ import annotations
